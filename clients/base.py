@@ -1,0 +1,147 @@
+"""The client-training-strategy API: how a client minimises its loss locally.
+
+A client training strategy is a small class in the shape of DomainBed's algorithms: ``update(batch, ctx)``
+takes one optimizer step on one batch and returns its metrics. The default ``train`` loops
+``client.local_epochs`` over the client's data in shuffled batches of ``client.batch_size`` (stopping at
+``client.max_steps`` if set) and averages the metrics. Override ``train`` for methods that need more than
+per-batch steps (two-stage methods, weight interpolation, ...).
+
+What to minimise comes from the server algorithm as a ``TrainTask``: which branch the main loss uses and,
+optionally, a replacement per-example loss (FedTKM adds a KL term on the other branch, for example). A
+strategy that changes the loss (IRM, CORAL, ...) adds its terms to ``ctx.loss(...)``, so it works under any
+server algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from fedshift.config import ClientConfig, ComponentParams
+from fedshift.registry import Registry
+
+if TYPE_CHECKING:
+    from fedshift.models import ModelOutput, MultiBranchNet
+
+CLIENT_STRATEGIES: Registry[type[ClientTrainer]] = Registry("client strategy")
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+    domain: torch.Tensor  # the mode of each example (its domain, for domain-based methods)
+
+
+@dataclass
+class ClientData:
+    """One client's training examples, already on the training device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    domain: torch.Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int, generator: torch.Generator, shuffle: bool = True) -> Iterator[Batch]:
+        n = len(self.y)
+        order = torch.randperm(n, generator=generator).to(self.x.device) if shuffle else torch.arange(n, device=self.x.device)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            yield Batch(self.x[idx], self.y[idx], self.domain[idx])
+
+
+LossFn = Callable[["ModelOutput", Batch], torch.Tensor]
+
+
+@dataclass
+class TrainTask:
+    """What the server algorithm asks local training to minimise.
+
+    ``loss(output, batch)`` returns the per-example loss; by default cross-entropy of ``branch``'s logits.
+    ``trainable`` restricts which parameters train (names; None = all).
+    """
+
+    branch: int = 0
+    loss_fn: LossFn | None = None
+    trainable: list[str] | None = None
+
+    def loss(self, output: ModelOutput, batch: Batch) -> torch.Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(output, batch)
+        return F.cross_entropy(output.logits[:, self.branch], batch.y, reduction="none")
+
+
+@dataclass
+class TrainContext:
+    """What a client training strategy sees for one client in one round."""
+
+    model: MultiBranchNet
+    data: ClientData
+    task: TrainTask
+    device: torch.device
+    round: int
+    cid: int
+    state: dict[str, Any]            # persists across this client's rounds (kept by the server)
+    generator: torch.Generator       # seeded per (scenario seed, round, client): use it for any sampling
+    settings: ClientConfig
+    optimizer: torch.optim.Optimizer | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def loss(self, output: ModelOutput, batch: Batch) -> torch.Tensor:
+        """Mean of the task's per-example loss."""
+        return self.task.loss(output, batch).mean()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if self.task.trainable is None:
+            return [p for p in self.model.parameters() if p.requires_grad]
+        names = set(self.task.trainable)
+        return [p for n, p in self.model.named_parameters() if n in names and p.requires_grad]
+
+    def make_optimizer(self, params: list[torch.nn.Parameter] | None = None) -> torch.optim.Optimizer:
+        s = self.settings
+        params = self.trainable_parameters() if params is None else params
+        if s.optimizer == "adam":
+            return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+
+class ClientTrainer:
+    """Base class of client training strategies. Subclass, set ``name`` (and ``Params`` for
+    hyperparameters), register with ``@CLIENT_STRATEGIES.register(name)``, implement ``update``."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[ComponentParams]] = ComponentParams
+
+    def __init__(self, params: ComponentParams, settings: ClientConfig):
+        self.params = params
+        self.settings = settings
+
+    def train(self, ctx: TrainContext) -> dict[str, float]:
+        """Local training for one round: ``update`` on every batch of every local epoch."""
+        ctx.model.train()
+        ctx.optimizer = ctx.make_optimizer()
+        totals: dict[str, torch.Tensor] = {}
+        steps = 0
+        for _ in range(self.settings.local_epochs):
+            for batch in ctx.data.batches(self.settings.batch_size, ctx.generator):
+                for k, v in self.update(batch, ctx).items():
+                    v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                    totals[k] = totals.get(k, 0) + v.float()
+                steps += 1
+                if self.settings.max_steps is not None and steps >= self.settings.max_steps:
+                    break
+            else:
+                continue
+            break
+        return {k: float(v) / max(steps, 1) for k, v in totals.items()} | {"steps": float(steps)}
+
+    def update(self, batch: Batch, ctx: TrainContext) -> dict[str, torch.Tensor | float]:
+        """One optimizer step on one batch; returns metrics such as ``{"loss": ...}`` (tensors are fine)."""
+        raise NotImplementedError

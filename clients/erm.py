@@ -1,0 +1,19 @@
+"""ERM: plain empirical risk minimisation, the local step of FedAvg (Vapnik 1998; DomainBed's ``ERM``)."""
+
+from __future__ import annotations
+
+from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
+
+
+@CLIENT_STRATEGIES.register("erm")
+class ERM(ClientTrainer):
+    """ERM: one gradient step on the mean task loss per batch."""
+
+    name = "erm"
+
+    def update(self, batch: Batch, ctx: TrainContext):
+        loss = ctx.loss(ctx.model(batch.x), batch)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ctx.optimizer.step()
+        return {"loss": loss}

@@ -1,0 +1,137 @@
+"""Resolving and building the named components of a scenario.
+
+``resolve_components`` checks every name against its registry, validates each component's own parameters
+against its ``Params`` model (writing the defaults back, so the resolved scenario is complete), and runs the
+checks that span several sections. The ``build_*`` functions turn a resolved scenario into objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import DatasetSpec, Scenario, validate_params
+from .errors import PluginError, ScenarioError
+from .registry import Registry
+
+
+def registries() -> dict[str, Registry]:
+    """Every registry, with the built-in components imported (and so registered)."""
+    from fedshift.clients import CLIENT_STRATEGIES
+    from fedshift.strategies import STRATEGIES
+
+    from .data.sources import DATASETS
+    from .models import ARCHITECTURES
+    from .shift import SCHEDULES
+
+    return {"schedules": SCHEDULES, "datasets": DATASETS, "models": ARCHITECTURES,
+            "strategies": STRATEGIES, "client strategies": CLIENT_STRATEGIES}
+
+
+def _lookup(registry: Registry, name: str, key: str, base: type, problems: list) -> type | None:
+    if name not in registry:
+        problems.append((key, f"unknown {registry.kind} {name!r}; valid: {', '.join(registry.names())}"
+                              " (or a dotted path package.module:Class)"))
+        return None
+    try:
+        obj = registry.get(name)
+    except PluginError as exc:
+        problems.append((key, str(exc)))
+        return None
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        problems.append((key, f"{name!r} is not a {base.__name__} subclass"))
+        return None
+    return obj
+
+
+def resolve_components(s: Scenario, base_dir: Path | None) -> list[tuple[str, str]]:
+    from fedshift.clients.base import ClientTrainer
+    from fedshift.strategies.base import ServerStrategy
+
+    from .data.sources import DatasetSource
+    from .models import Architecture
+
+    regs = registries()
+    problems: list[tuple[str, str]] = []
+    k = len(s.modes)
+    if k < 2:
+        problems.append(("modes", f"needs at least two modes (e.g. day and night), got {k}"))
+
+    # datasets: the default and each mode's own
+    def resolve_dataset(ref, key: str):
+        spec = DatasetSpec(name=ref) if isinstance(ref, str) else ref
+        cls = _lookup(regs["datasets"], spec.name, key + (".name" if not isinstance(ref, str) else ""), DatasetSource, problems)
+        if cls is None:
+            return ref
+        opts = spec.params()
+        for pkey in ("path", "root"):  # local files are relative to the scenario file
+            if isinstance(opts.get(pkey), str) and base_dir is not None and not Path(opts[pkey]).is_absolute():
+                opts[pkey] = str((base_dir / opts[pkey]).resolve())
+        values, errs = validate_params(cls.Params, opts, key)
+        problems.extend(errs)
+        if values is None:
+            return ref
+        if (s.data.partition.kind == "natural") and not cls.has_natural_ids:
+            problems.append(("data.partition.kind", f"dataset {spec.name!r} has no natural client ids; use iid or dirichlet"))
+        return DatasetSpec(name=spec.name, **values)
+
+    s.data.dataset = resolve_dataset(s.data.dataset, "data.dataset")
+    for name, mode in s.modes.items():
+        if mode.dataset is not None:
+            mode.dataset = resolve_dataset(mode.dataset, f"modes.{name}.dataset")
+
+    # shift schedule
+    if s.shift.weights is not None and len(s.shift.weights) != k:
+        problems.append(("shift.weights", f"needs one weight per mode ({k}: {', '.join(s.modes)}), got {len(s.shift.weights)}"))
+    if s.shift.schedule == "trace" and s.shift.trace:
+        path = Path(s.shift.trace)
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        s.shift.trace = str(path.resolve())
+        try:
+            from .shift import TraceSchedule
+
+            TraceSchedule.read_csv(path, list(s.modes))
+        except ScenarioError as exc:
+            problems.extend(exc.problems)
+
+    # server strategy, model, client training strategy
+    strat = _lookup(regs["strategies"], s.strategy.name, "strategy.name", ServerStrategy, problems)
+    if strat is not None:
+        values, errs = validate_params(strat.Params, s.strategy.params(), "strategy")
+        problems.extend(errs)
+        if values is not None:
+            s.strategy = type(s.strategy)(name=s.strategy.name, **values)
+            need = strat.num_branches(strat.Params.model_validate(values), k)
+            if s.model.branches is None:
+                s.model.branches = need
+            elif s.model.branches != need:
+                problems.append(("model.branches", f"strategy {s.strategy.name!r} with these parameters needs "
+                                                   f"{need} branches, got {s.model.branches}"))
+    arch = _lookup(regs["models"], s.model.architecture, "model.architecture", Architecture, problems)
+    if arch is not None:
+        values, errs = validate_params(arch.Params, s.model.params(), "model")
+        problems.extend(errs)
+        if values is not None:
+            s.model = type(s.model)(architecture=s.model.architecture, branches=s.model.branches,
+                                    feature_dim=s.model.feature_dim or arch.default_feature_dim, **values)
+    trainer = _lookup(regs["client strategies"], s.client.strategy, "client.strategy", ClientTrainer, problems)
+    if trainer is not None:
+        base = {f: getattr(s.client, f) for f in type(s.client).model_fields}
+        values, errs = validate_params(trainer.Params, s.client.params(), "client")
+        problems.extend(errs)
+        if values is not None:
+            s.client = type(s.client)(**base, **values)
+
+    # counts
+    for name in s.modes:
+        n = s.clients_of_mode(name)
+        if s.clients_per_round > n:
+            problems.append(("clients_per_round", f"is {s.clients_per_round} but mode {name!r} has only {n} clients; "
+                                                  "every mode's pool must be able to fill a whole round"))
+    if s.backend.device == "cuda" and not torch.cuda.is_available():
+        problems.append(("backend.device", "is 'cuda' but no CUDA device is available here; use auto or cpu"))
+    if s.backend.num_gpus > 0 and not torch.cuda.is_available() and s.backend.ray_address is None:
+        problems.append(("backend.num_gpus", f"is {s.backend.num_gpus} but no CUDA device is available here; use 0"))
+    return problems

@@ -1,0 +1,321 @@
+"""The scenario: a strict, validated description of one simulated federation.
+
+Every problem is reported with its key path (``shift.period: must be >= 2``). Components chosen by name
+(dataset, model architecture, server strategy, client training strategy) declare their own parameters as a
+pydantic model ``Params``; the scenario validates those parameters against it and writes them back with their
+defaults, so a resolved scenario re-runs exactly as it ran.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ScenarioError
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class ComponentParams(StrictModel):
+    """Base class of the ``Params`` model of every named component (all fields need defaults)."""
+
+
+class NamedComponent(BaseModel):
+    """A ``name`` plus that component's own parameters, checked later against its ``Params`` model."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.__pydantic_extra__ or {})
+
+
+class TransformSpec(StrictModel):
+    name: Literal["invert", "rotate", "hflip", "vflip"]
+    degrees: float = 0.0
+
+
+class DatasetSpec(NamedComponent):
+    name: str = "digits"
+
+
+class ModeConfig(StrictModel):
+    """What the clients of one mode hold."""
+
+    dataset: str | DatasetSpec | None = Field(None, description="dataset of this mode; defaults to data.dataset")
+    labels: list[int] | None = Field(None, description="keep only these source labels (all if omitted)")
+    transform: list[Literal["invert", "hflip", "vflip"] | TransformSpec] = Field(
+        default_factory=list, description="input transforms, applied in order: invert, hflip, vflip, {name: rotate, degrees: D}")
+    label_map: dict[int, int] = Field(default_factory=dict, description="relabel source label -> new label")
+    label_offset: int = Field(0, description="added to every label after label_map")
+    clients: PositiveInt | None = Field(None, description="clients of this mode; defaults to data.clients_per_mode")
+
+
+class PartitionConfig(StrictModel):
+    kind: Literal["iid", "dirichlet", "natural"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration over classes (dirichlet only)")
+    min_examples: PositiveInt = Field(2, description="every client gets at least this many training examples")
+
+
+class DataConfig(StrictModel):
+    dataset: str | DatasetSpec = Field("digits", description="dataset name, or {name: ..., option: value}")
+    clients_per_mode: PositiveInt = 20
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held out for testing when a dataset has no test split")
+    max_test_per_mode: PositiveInt | None = Field(None, description="cap on each mode's test examples")
+    num_classes: PositiveInt | None = Field(None, description="output classes; by default 1 + the largest label")
+
+
+class ShiftConfig(StrictModel):
+    schedule: Literal["linear", "cosine", "block", "constant", "trace"] = "linear"
+    period: int = Field(16, description="rounds per period (>= 2)")
+    power: float = Field(1.0, gt=0, description="q(t) is raised to this power; > 1 favours night")
+    phase: float = Field(0.0, ge=0, lt=1, description="phase offset as a fraction of the period")
+    weights: list[float] | None = Field(None, description="constant schedule: one weight per mode")
+    trace: str | None = Field(None, description="trace schedule: CSV with one column per mode, one row per round")
+
+    @model_validator(mode="after")
+    def _check(self) -> ShiftConfig:
+        if self.period < 2:
+            raise ValueError(f"period must be >= 2 rounds, got {self.period}")
+        if self.schedule == "trace" and not self.trace:
+            raise ValueError("schedule 'trace' needs 'trace: PATH' (a CSV file of per-round mode weights)")
+        if self.weights is not None and (any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0):
+            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {self.weights}")
+        return self
+
+
+class ModelConfig(NamedComponent):
+    architecture: str = "mlp"
+    branches: PositiveInt | None = Field(None, description="heads; by default what the strategy needs")
+    feature_dim: PositiveInt | None = None
+
+
+class StrategyConfig(NamedComponent):
+    name: str = "fedavg"
+
+
+class ClientConfig(NamedComponent):
+    strategy: str = "erm"
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    local_epochs: PositiveInt = 1
+    batch_size: PositiveInt = 20
+    max_steps: PositiveInt | None = Field(None, description="cap on local optimizer steps per round")
+
+
+class EvalConfig(StrictModel):
+    every: PositiveInt = 1
+    batch_size: PositiveInt = 256
+
+
+class BackendConfig(StrictModel):
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per simulated client (fractions allowed)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per simulated client (fractions allowed)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ray_address: str | None = Field(None, description="join this Ray cluster ('auto' or host:port) instead of starting one")
+    ray_num_cpus: PositiveInt | None = Field(None, description="CPUs Ray may use when it starts locally (default: all)")
+
+
+class OutputConfig(StrictModel):
+    dir: str = "runs"
+    tensorboard: bool = True
+    save_model: bool = True
+
+
+class Scenario(StrictModel):
+    name: str = "scenario"
+    seed: int = Field(0, ge=0)
+    rounds: PositiveInt = 64
+    clients_per_round: PositiveInt = 10
+    modes: dict[str, ModeConfig]
+    data: DataConfig = Field(default_factory=DataConfig)
+    shift: ShiftConfig = Field(default_factory=ShiftConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @property
+    def mode_names(self) -> list[str]:
+        return list(self.modes)
+
+    def clients_of_mode(self, name: str) -> int:
+        return self.modes[name].clients or self.data.clients_per_mode
+
+    def dataset_of_mode(self, name: str) -> DatasetSpec:
+        ref = self.modes[name].dataset or self.data.dataset
+        return DatasetSpec(name=ref) if isinstance(ref, str) else ref
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def builtin_scenarios() -> dict[str, str]:
+    """Built-in scenario names -> their YAML text."""
+    root = resources.files("fedshift.scenarios")
+    return {p.name[:-5]: p.read_text() for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def read_scenario_source(path_or_name: str | None) -> tuple[dict[str, Any], str, Path | None]:
+    """The raw mapping of a scenario file or built-in name, its display name, and its folder (for paths)."""
+    builtins = builtin_scenarios()
+    if path_or_name is None:
+        path_or_name = "default"
+    path = Path(path_or_name)
+    if path.is_file():
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ScenarioError([("", f"cannot read {str(path)!r}: {exc.strerror or exc}")]) from None
+        source, base = str(path), path.resolve().parent
+    elif path_or_name in builtins:
+        text, source, base = builtins[path_or_name], f"built-in scenario {path_or_name!r}", None
+    else:
+        raise ScenarioError([("", f"no scenario file or built-in scenario named {path_or_name!r}; "
+                                  f"built-in: {', '.join(sorted(builtins))}")])
+    return parse_yaml(text, source), source, base
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ScenarioError([("", f"not valid YAML{where}: {problem}")], source) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ScenarioError([("", f"a scenario is a YAML mapping of keys, got {type(raw).__name__}")], source)
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML (``a.b=[x,y]`` gives a list)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ScenarioError([("--set", f"{item!r} is not of the form key.path=value")])
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise ScenarioError([(key, f"--set value {value!r} is not valid YAML")]) from None
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ScenarioError([(".".join(parts[: i + 1]), f"is a {type(child).__name__}, cannot set {key!r} inside it")])
+            node = child
+        node[parts[-1]] = parsed
+    return raw
+
+
+def load_scenario(path_or_name: str | None = None, overrides: list[str] | None = None) -> Scenario:
+    """Read, override and validate a scenario. Raises ScenarioError listing every problem."""
+    raw, source, base = read_scenario_source(path_or_name)
+    try:
+        return validate_scenario(apply_overrides(raw, overrides or []), base_dir=base)
+    except ScenarioError as exc:
+        raise ScenarioError(exc.problems, source) from None
+
+
+def validate_scenario(raw: dict[str, Any], base_dir: Path | None = None) -> Scenario:
+    """Validate a raw mapping into a resolved Scenario (component parameters filled with their defaults)."""
+    try:
+        scenario = Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise ScenarioError(_pydantic_problems(exc, Scenario)) from None
+    from .components import resolve_components  # registries import models and strategies; keep this lazy
+
+    problems = resolve_components(scenario, base_dir)
+    if problems:
+        raise ScenarioError(problems)
+    return scenario
+
+
+def _pydantic_problems(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        # pydantic reports each failed member of a union (str | Spec) separately; keep one message per path.
+        loc = [p for p in loc if p not in ("str", "DatasetSpec", "TransformSpec", "literal['invert','hflip','vflip']")
+               and not p.startswith("function-")]
+        path = ".".join(filter(None, [prefix, *loc]))
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(root, loc[:-1])
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"].endswith("_type") or err["type"] == "literal_error":
+                msg += f" (got {err.get('input')!r})"
+        if (path, msg) not in problems:
+            problems.append((path, msg))
+    return problems
+
+
+def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """Field names of the model found by walking ``loc`` from ``model`` (empty when it cannot be followed)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = _model_in(current.model_fields[part].annotation)
+        elif isinstance(current, tuple) and current[0] == "dict":  # dict[str, Model]: skip the key
+            current = current[1]
+        else:
+            return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is dict:
+        return ("dict", _model_in(typing.get_args(annotation)[1]))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+        return None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def validate_params(params_model: type[BaseModel], values: dict[str, Any], prefix: str) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+    """Validate component parameters; returns (resolved values, problems)."""
+    try:
+        return params_model.model_validate(values).model_dump(mode="json"), []
+    except ValidationError as exc:
+        return None, _pydantic_problems(exc, params_model, prefix)

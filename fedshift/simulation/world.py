@@ -1,0 +1,127 @@
+"""The objects one process needs to play any client of a scenario, built once and reused.
+
+A Ray worker receives the resolved scenario text with every message and keeps one ``World`` per scenario
+(data loaded and partitioned once, the model and the strategies built once), so a message costs only the
+arrays it carries and the training it asks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..clients.base import CLIENT_STRATEGIES, ClientData, ClientTrainer
+from ..config import Scenario, parse_yaml, validate_scenario
+from ..data import Federation, build_federation
+from ..models import MultiBranchNet, build_model
+from ..shift import SCHEDULES, ModeSchedule, TraceSchedule
+from ..strategies.base import STRATEGIES, ClientInstruction, ClientJob, ClientResult, ServerStrategy, StrategySetup
+
+CLIENT_STREAM = 3  # random stream of the scenario seed for client-side training randomness
+MODEL_INIT_STREAM = 4
+
+
+def resolve_device(scenario: Scenario, on_worker: bool) -> torch.device:
+    want = scenario.backend.device
+    if want == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if on_worker and scenario.backend.num_gpus == 0 and want == "auto":
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def build_schedule(scenario: Scenario) -> ModeSchedule:
+    s = scenario.shift
+    k = len(scenario.modes)
+    common = {"period": s.period, "power": s.power, "phase": s.phase}
+    if s.schedule == "trace":
+        return TraceSchedule(k, TraceSchedule.read_csv(s.trace, scenario.mode_names), **common)
+    if s.schedule == "constant":
+        return SCHEDULES.get("constant")(k, weights=s.weights, **common)
+    return SCHEDULES.get(s.schedule)(k, **common)
+
+
+def build_strategy(scenario: Scenario, num_classes: int) -> ServerStrategy:
+    cls = STRATEGIES.get(scenario.strategy.name)
+    setup = StrategySetup(mode_names=scenario.mode_names, num_classes=num_classes, branches=scenario.model.branches,
+                          schedule=build_schedule(scenario), seed=scenario.seed, rounds=scenario.rounds)
+    return cls(cls.Params.model_validate(scenario.strategy.params()), setup)
+
+
+def build_trainer(scenario: Scenario) -> ClientTrainer:
+    cls = CLIENT_STRATEGIES.get(scenario.client.strategy)
+    return cls(cls.Params.model_validate(scenario.client.params()), scenario.client)
+
+
+def initial_model(scenario: Scenario, federation: Federation) -> MultiBranchNet:
+    torch.manual_seed(int(np.random.SeedSequence([scenario.seed, MODEL_INIT_STREAM]).generate_state(1)[0]))
+    return build_model(scenario, federation.input_shape, federation.num_classes)
+
+
+def client_seed(seed: int, server_round: int, cid: int) -> int:
+    return int(np.random.SeedSequence([seed, CLIENT_STREAM, server_round, cid]).generate_state(1)[0])
+
+
+@dataclass
+class World:
+    scenario: Scenario
+    federation: Federation
+    model: MultiBranchNet
+    strategy: ServerStrategy
+    trainer: ClientTrainer
+    device: torch.device
+    x: torch.Tensor
+    y: torch.Tensor
+    domain: torch.Tensor
+
+    @classmethod
+    def build(cls, scenario: Scenario, on_worker: bool = True) -> World:
+        fed = build_federation(scenario)
+        device = resolve_device(scenario, on_worker)
+        model = initial_model(scenario, fed).to(device)
+        return cls(scenario, fed, model, build_strategy(scenario, fed.num_classes), build_trainer(scenario), device,
+                   torch.from_numpy(fed.train_x).to(device), torch.from_numpy(fed.train_y).to(device),
+                   torch.from_numpy(fed.train_mode).to(device))
+
+    def client_data(self, cid: int) -> ClientData:
+        sl = self.federation.client_slice(cid)
+        return ClientData(self.x[sl], self.y[sl], self.domain[sl], self.federation.num_classes)
+
+    def run_client(self, instruction: ClientInstruction, server_round: int, state: dict[str, Any]) -> ClientResult:
+        """Load the sent arrays into the model and run the strategy's client half for one client."""
+        cid = instruction.cid
+        if not 0 <= cid < self.federation.num_clients:
+            raise ValueError(f"client id {cid} is not in this federation (0..{self.federation.num_clients - 1})")
+        sd = {k: v.to(self.device) for k, v in instruction.arrays.items()}
+        self.model.load_state_dict(sd, strict=False)
+        seed = client_seed(self.scenario.seed, server_round, cid)
+        torch.manual_seed(seed)  # dropout and any other use of the global generator
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        job = ClientJob(cid=cid, round=server_round, model=self.model, received=list(instruction.arrays),
+                        data=self.client_data(cid), trainer=self.trainer, config=instruction.config,
+                        device=self.device, state=state, generator=gen)
+        return self.strategy.client_update(job)
+
+
+_WORLDS: OrderedDict[str, World] = OrderedDict()
+_MAX_WORLDS = 2
+
+
+def world_for(scenario_text: str) -> World:
+    """The World of a resolved scenario text, built on first use in this process (LRU of two)."""
+    key = hashlib.sha256(scenario_text.encode()).hexdigest()
+    if key in _WORLDS:
+        _WORLDS.move_to_end(key)
+        return _WORLDS[key]
+    scenario = validate_scenario(parse_yaml(scenario_text, "scenario sent by the server"))
+    world = World.build(scenario)
+    torch.set_num_threads(max(1, int(scenario.backend.num_cpus)))
+    _WORLDS[key] = world
+    while len(_WORLDS) > _MAX_WORLDS:
+        _WORLDS.popitem(last=False)
+    return world

@@ -1,0 +1,213 @@
+"""The server-strategy API: what a federated algorithm sends, what its clients do, how it aggregates.
+
+A strategy keeps both halves of its algorithm side by side (ARCHITECTURE.md, "Two axes"):
+
+- the **server half** runs in the ServerApp: ``configure_train`` says what each client of the cohort receives,
+  ``aggregate_train`` folds the replies into the global state, ``select_branches`` routes test examples;
+- the **client half**, ``client_update``, runs on a Ray worker for one client. It may read ``self.params`` but
+  not the server's state (the worker's instance has none): anything it needs travels in the instruction.
+
+How a client minimises its loss is not the strategy's business: ``job.train(task)`` hands the task to the
+client training strategy chosen in the scenario (ERM, SAM, IRM, ...), so any algorithm works with any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from fedshift.config import ComponentParams
+from fedshift.registry import Registry
+
+if TYPE_CHECKING:
+    from fedshift.clients.base import ClientData, ClientTrainer, TrainTask
+    from fedshift.models import ModelOutput, MultiBranchNet
+    from fedshift.shift import ModeSchedule
+
+Scalar = int | float | str | bool
+STRATEGIES: Registry[type[ServerStrategy]] = Registry("strategy")
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """A client of the round's cohort. ``mode`` is the truth; only oracle-type strategies may use it."""
+
+    cid: int
+    mode: int
+
+
+@dataclass
+class ClientInstruction:
+    """What the server sends one client: model arrays by parameter name, and scalar config."""
+
+    cid: int
+    arrays: dict[str, torch.Tensor]
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass
+class ClientResult:
+    """What a client's half returns: arrays (usually the trained parameters it received), the number of
+    examples it trained on (the aggregation weight), scalar metrics, and extra arrays for the server."""
+
+    arrays: dict[str, torch.Tensor]
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ClientReply:
+    """A reply as the server sees it. ``error`` is set (and arrays empty) when the client failed."""
+
+    cid: int
+    mode: int
+    num_examples: int
+    arrays: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    stats: dict[str, torch.Tensor]
+    error: str | None = None
+
+
+@dataclass
+class ClientJob:
+    """Everything the client half of a strategy gets for one client in one round."""
+
+    cid: int
+    round: int
+    model: MultiBranchNet            # holds the arrays the server sent
+    received: list[str]              # names of the parameters the server sent
+    data: ClientData
+    trainer: ClientTrainer
+    config: dict[str, Scalar]
+    device: torch.device
+    state: dict[str, Any]            # this client's store, persisted across rounds by the server
+    generator: torch.Generator       # seeded by (scenario seed, round, client)
+
+    def train(self, task: TrainTask) -> dict[str, float]:
+        """Run the scenario's client training strategy on this client's data for the given task."""
+        from fedshift.clients.base import TrainContext
+
+        ctx = TrainContext(model=self.model, data=self.data, task=task, device=self.device, round=self.round,
+                           cid=self.cid, state=self.state, generator=self.generator, settings=self.trainer.settings)
+        return self.trainer.train(ctx)
+
+    def trained_arrays(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """The model's current values of the given parameters (default: those received), detached on CPU."""
+        sd = self.model.state_dict()
+        return {n: sd[n].detach().to("cpu", copy=True) for n in (names or self.received)}
+
+
+@dataclass
+class StrategySetup:
+    """What a server strategy knows of the scenario when it is built."""
+
+    mode_names: list[str]
+    num_classes: int
+    branches: int
+    schedule: ModeSchedule
+    seed: int
+    rounds: int
+
+
+class ServerOptimizerConfig(ComponentParams):
+    """Server optimizer on the pseudo-gradient -(mean client update) (Reddi et al., 'Adaptive Federated
+    Optimization', ICLR 2021). sgd with lr 1 is plain FedAvg."""
+
+    name: str = Field("sgd", pattern="^(sgd|momentum|adam)$", description="sgd | momentum | adam")
+    lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum only")
+    beta1: float = Field(0.9, ge=0, lt=1, description="adam only")
+    beta2: float = Field(0.999, ge=0, lt=1, description="adam only")
+    eps: float = Field(1e-8, gt=0, description="adam only")
+
+
+class StrategyParams(ComponentParams):
+    server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
+
+
+class ServerStrategy:
+    """Base class of server strategies. Subclass, set ``name`` and ``Params``, register with
+    ``@STRATEGIES.register(name)``, and implement ``configure_train``, ``aggregate_train``, ``client_update``."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+
+    def __init__(self, params: StrategyParams, setup: StrategySetup | None = None):
+        self.params = params
+        self.setup = setup
+
+    # ---- scenario-time hooks
+    @classmethod
+    def num_branches(cls, params: StrategyParams, num_modes: int) -> int:
+        """How many branches the model needs under these parameters (checked against model.branches)."""
+        return 1
+
+    # ---- server half
+    def initialize(self, model: MultiBranchNet) -> None:
+        """Take the initial global model (called once, before round 0)."""
+        self.model = model
+
+    def configure_train(self, server_round: int, cohort: Sequence[ClientSpec]) -> list[ClientInstruction]:
+        raise NotImplementedError
+
+    def aggregate_train(self, server_round: int, replies: Sequence[ClientReply]) -> dict[str, float]:
+        """Fold the round's replies (failed ones included, with ``error`` set) into the global state;
+        return metrics for metrics.csv."""
+        raise NotImplementedError
+
+    def global_model(self) -> MultiBranchNet:
+        """The current global model, for evaluation and saving."""
+        return self.model
+
+    def select_branches(self, output: ModelOutput) -> torch.Tensor | None:
+        """Branch of each test example (a [B] long tensor), or None for branch 0 everywhere."""
+        return None
+
+    def evaluate(self, test_sets: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> dict[str, float]:
+        """Centralized evaluation of the global model on each mode's test set (``eval/<mode>/...``)."""
+        from fedshift.evaluation import evaluate_modes
+
+        return evaluate_modes(self.global_model(), test_sets, self.select_branches, batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server state beyond the model weights (optimizer moments, centers, ...), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    # ---- client half (runs on a worker)
+    def client_update(self, job: ClientJob) -> ClientResult:
+        raise NotImplementedError
+
+
+def finite_replies(replies: Sequence[ClientReply]) -> tuple[list[ClientReply], dict[str, int]]:
+    """The replies that can be aggregated, and counts of those that cannot (failed, non-finite)."""
+    ok, failed, nonfinite = [], 0, 0
+    for r in replies:
+        if r.error is not None:
+            failed += 1
+        elif r.num_examples <= 0:
+            failed += 1
+        elif not all(bool(torch.isfinite(a).all()) for a in r.arrays.values() if a.is_floating_point()):
+            nonfinite += 1
+        else:
+            ok.append(r)
+    return ok, {"clients/failed": failed, "clients/nonfinite": nonfinite}
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    w = np.asarray(weights, dtype=np.float64)
+    return float(np.dot(np.asarray(values, dtype=np.float64), w) / w.sum()) if w.sum() > 0 else float("nan")
+
+
+def mean_metric(replies: Sequence[ClientReply], key: str) -> float:
+    """Example-weighted mean of one client metric over the replies that report it."""
+    have = [r for r in replies if key in r.metrics]
+    return weighted_mean([r.metrics[key] for r in have], [r.num_examples for r in have]) if have else float("nan")

@@ -1,0 +1,56 @@
+"""FedAvg with a server optimizer: one model for every mode.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data", AISTATS 2017;
+server momentum / Adam as in Reddi et al., "Adaptive Federated Optimization", ICLR 2021.
+
+Parameters:
+    server_optimizer: name (sgd | momentum | adam, default sgd), lr (1.0), momentum (0.9), beta1 (0.9),
+        beta2 (0.999), eps (1e-8). sgd with lr 1.0 is McMahan's example-weighted average.
+
+Every client trains the single branch with cross-entropy from logits (the reference code's double softmax
+is not copied). Updates with a non-finite entry, and failed clients, get weight 0 and are counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedshift.clients.base import TrainTask
+
+from .base import (STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec,
+                   ServerStrategy, finite_replies, mean_metric)
+from .server_optimizer import ServerOptimizer, mean_update
+
+
+@STRATEGIES.register("fedavg")
+class FedAvg(ServerStrategy):
+    """FedAvg: example-weighted averaging of client updates, with an optional server optimizer."""
+
+    name = "fedavg"
+
+    def initialize(self, model) -> None:
+        super().initialize(model)
+        self.opt = ServerOptimizer(self.params.server_optimizer, model.state_dict())
+
+    def configure_train(self, server_round: int, cohort: Sequence[ClientSpec]) -> list[ClientInstruction]:
+        return [ClientInstruction(c.cid, self.opt.arrays) for c in cohort]
+
+    def aggregate_train(self, server_round: int, replies: Sequence[ClientReply]) -> dict[str, float]:
+        ok, counts = finite_replies(replies)
+        if ok:
+            self.opt.step(mean_update(self.opt.arrays, ok))
+        return {"train/loss": mean_metric(ok, "loss"), **counts}
+
+    def global_model(self):
+        self.model.load_state_dict(self.opt.arrays)
+        return self.model
+
+    def state_dict(self):
+        return {"optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        self.opt.load_state_dict(state["optimizer"])
+
+    def client_update(self, job: ClientJob) -> ClientResult:
+        metrics = job.train(TrainTask(branch=0))
+        return ClientResult(job.trained_arrays(), num_examples=len(job.data), metrics=metrics)
