@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fedshift.config import ClientConfig, ComponentParams
+from fedshift.data.federation import UNLABELLED
 from fedshift.registry import Registry
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class TrainTask:
     def loss(self, output: ModelOutput, batch: Batch) -> torch.Tensor:
         if self.loss_fn is not None:
             return self.loss_fn(output, batch)
-        return F.cross_entropy(output.logits[:, self.branch], batch.y, reduction="none")
+        return F.cross_entropy(output.logits[:, self.branch], batch.y, reduction="none", ignore_index=UNLABELLED)
 
 
 @dataclass
@@ -92,11 +93,16 @@ class TrainContext:
     generator: torch.Generator       # seeded per (scenario seed, round, client): use it for any sampling
     settings: ClientConfig
     optimizer: torch.optim.Optimizer | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    server: dict[str, torch.Tensor] = field(default_factory=dict)  # what aggregate_stats broadcast last round
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)   # filled by the strategy, sent to the server
 
     def loss(self, output: ModelOutput, batch: Batch) -> torch.Tensor:
-        """Mean of the task's per-example loss."""
-        return self.task.loss(output, batch).mean()
+        """Mean of the task's per-example loss over the labelled examples of the batch (label >= 0)."""
+        per_example = self.task.loss(output, batch)
+        labelled = batch.y >= 0
+        if bool(labelled.all()):
+            return per_example.mean()
+        return (per_example * labelled).sum() / labelled.sum().clamp(min=1)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         if self.task.trainable is None:
@@ -145,3 +151,10 @@ class ClientTrainer:
     def update(self, batch: Batch, ctx: TrainContext) -> dict[str, torch.Tensor | float]:
         """One optimizer step on one batch; returns metrics such as ``{"loss": ...}`` (tensors are fine)."""
         raise NotImplementedError
+
+    # ---- server side, optional: statistics shared between clients (the D3 mapping: client = domain)
+    def aggregate_stats(self, server_round: int, stats: list[tuple[int, int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        """Runs on the server after each round with ``(num_examples, mode, ctx.stats)`` of every client that
+        succeeded; what it returns reaches every client of the next round as ``ctx.server``. The mode is the
+        client's true mode: use it only for methods whose domains are modes (e.g. CORAL moments per mode)."""
+        return {}

@@ -124,6 +124,14 @@ def resolve_components(s: Scenario, base_dir: Path | None) -> list[tuple[str, st
         if values is not None:
             s.client = type(s.client)(**base, **values)
 
+    if s.model.pretrained:
+        path = Path(s.model.pretrained)
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        if not path.is_file():
+            problems.append(("model.pretrained", f"no such file: {str(path)!r}"))
+        s.model.pretrained = str(path.resolve())
+
     # counts
     for name in s.modes:
         n = s.clients_of_mode(name)

@@ -73,6 +73,10 @@ class DataConfig(StrictModel):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held out for testing when a dataset has no test split")
     max_test_per_mode: PositiveInt | None = Field(None, description="cap on each mode's test examples")
     num_classes: PositiveInt | None = Field(None, description="output classes; by default 1 + the largest label")
+    mix: float = Field(0.0, ge=0, lt=1, description="share of each client's examples drawn from the other modes "
+                                                    "('mixed' clients; each example keeps its mode as its domain)")
+    unlabelled: float = Field(0.0, ge=0, lt=1, description="share of each client's examples whose label is hidden "
+                                                           "(label -1), for semi-supervised client strategies")
 
 
 class ShiftConfig(StrictModel):
@@ -98,6 +102,7 @@ class ModelConfig(NamedComponent):
     architecture: str = "mlp"
     branches: PositiveInt | None = Field(None, description="heads; by default what the strategy needs")
     feature_dim: PositiveInt | None = None
+    pretrained: str | None = Field(None, description="start from these weights: a state_dict file, e.g. a run's model.pt")
 
 
 class StrategyConfig(NamedComponent):

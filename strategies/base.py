@@ -72,6 +72,7 @@ class ClientReply:
     metrics: dict[str, float]
     stats: dict[str, torch.Tensor]
     error: str | None = None
+    trainer_stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,14 +89,19 @@ class ClientJob:
     device: torch.device
     state: dict[str, Any]            # this client's store, persisted across rounds by the server
     generator: torch.Generator       # seeded by (scenario seed, round, client)
+    trainer_server: dict[str, torch.Tensor] = field(default_factory=dict)  # the trainer's broadcast
+    trainer_stats: dict[str, torch.Tensor] = field(default_factory=dict)   # filled by train(), sent back
 
     def train(self, task: TrainTask) -> dict[str, float]:
         """Run the scenario's client training strategy on this client's data for the given task."""
         from fedshift.clients.base import TrainContext
 
         ctx = TrainContext(model=self.model, data=self.data, task=task, device=self.device, round=self.round,
-                           cid=self.cid, state=self.state, generator=self.generator, settings=self.trainer.settings)
-        return self.trainer.train(ctx)
+                           cid=self.cid, state=self.state, generator=self.generator, settings=self.trainer.settings,
+                           server=self.trainer_server)
+        metrics = self.trainer.train(ctx)
+        self.trainer_stats.update(ctx.stats)
+        return metrics
 
     def trained_arrays(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """The model's current values of the given parameters (default: those received), detached on CPU."""

@@ -95,6 +95,49 @@ def build_mode(name: str, mode: ModeConfig, source: SourceData, max_test: int | 
     return ModeData(name, tr_x, tr_y, te_x, te_y, tr_g)
 
 
+UNLABELLED = -1  # the label of an example whose label is hidden (data.unlabelled)
+
+
+def mix_clients(holdings: list[list[np.ndarray]], share: float, rng: np.random.Generator) -> list[list[np.ndarray]]:
+    """Each client gives away round(share * n) of its (mode, index) pairs and receives as many from the
+    pairs given away by clients of other modes (drawn at random): its size stays, its mode becomes mixed."""
+    given: list[list[np.ndarray]] = [[] for _ in holdings]
+    kept: list[list[np.ndarray]] = []
+    for k, clients in enumerate(holdings):
+        kept.append([])
+        for held in clients:
+            held = held[rng.permutation(len(held))]
+            n_give = int(round(share * len(held)))
+            kept[k].append(held[n_give:])
+            given[k].append(held[:n_give])
+    pools = [np.concatenate(g) if g else np.empty((0, 2), dtype=np.int64) for g in given]
+    out = []
+    for k, clients in enumerate(kept):
+        others = np.concatenate([p for j, p in enumerate(pools) if j != k])
+        others = others[rng.permutation(len(others))]
+        cursor, mixed = 0, []
+        for held, gave in zip(clients, given[k]):
+            n = len(gave)
+            if cursor + n <= len(others):
+                got = others[cursor:cursor + n]
+                cursor += n
+            else:  # other modes gave away fewer examples than this mode: draw with replacement
+                got = others[rng.integers(0, len(others), size=n)] if len(others) else gave
+            mixed.append(np.concatenate([held, got]))
+        out.append(mixed)
+    return out
+
+
+def hide_labels(y: np.ndarray, offsets: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """Hide round(share * n) labels of every client (set them to UNLABELLED), at random."""
+    y = y.copy()
+    for c in range(len(offsets) - 1):
+        lo, hi = int(offsets[c]), int(offsets[c + 1])
+        n_hide = min(int(round(share * (hi - lo))), hi - lo - 1)  # keep at least one labelled example
+        y[lo + rng.choice(hi - lo, size=max(n_hide, 0), replace=False)] = UNLABELLED
+    return y
+
+
 def build_federation(scenario: Scenario) -> Federation:
     """Load the sources, build each mode, partition it among its clients. Deterministic in the seed."""
     loaded: dict[str, SourceData] = {}
@@ -115,7 +158,7 @@ def build_federation(scenario: Scenario) -> Federation:
     if labels_max >= num_classes:
         raise ScenarioError([("data.num_classes", f"is {num_classes} but the modes use label {labels_max}")])
 
-    xs, ys, ms, sizes, client_mode = [], [], [], [], []
+    parts_of_mode: list[list[np.ndarray]] = []
     part = scenario.data.partition
     for k, (name, mode) in enumerate(zip(scenario.mode_names, modes)):
         n_clients = scenario.clients_of_mode(name)
@@ -135,19 +178,31 @@ def build_federation(scenario: Scenario) -> Federation:
                 parts = natural_partition(mode.train_groups, n_clients, rng)
         except ValueError as exc:
             raise ScenarioError([("data.partition", f"mode {name!r}: {exc}")]) from None
-        for idx in parts:
-            xs.append(mode.train_x[idx])
-            ys.append(mode.train_y[idx])
-            ms.append(np.full(len(idx), k, dtype=np.int64))
-            sizes.append(len(idx))
+        parts_of_mode.append(parts)
+
+    # (mode, index) pairs of each client; mixing moves a share of them to clients of other modes
+    holdings = [[np.stack([np.full(len(idx), k), idx], axis=1) for idx in parts] for k, parts in enumerate(parts_of_mode)]
+    if scenario.data.mix > 0:
+        holdings = mix_clients(holdings, scenario.data.mix, np.random.default_rng([scenario.seed, DATA_STREAM, 300]))
+    xs, ys, ms, sizes, client_mode = [], [], [], [], []
+    for k, clients in enumerate(holdings):
+        for held in clients:
+            xs.append(np.concatenate([modes[m].train_x[held[held[:, 0] == m, 1]] for m in range(len(modes))]))
+            ys.append(np.concatenate([modes[m].train_y[held[held[:, 0] == m, 1]] for m in range(len(modes))]))
+            ms.append(np.concatenate([np.full(int((held[:, 0] == m).sum()), m, dtype=np.int64) for m in range(len(modes))]))
+            sizes.append(len(held))
             client_mode.append(k)
+    train_y = np.concatenate(ys)
+    if scenario.data.unlabelled > 0:
+        train_y = hide_labels(train_y, np.concatenate([[0], np.cumsum(sizes)]), scenario.data.unlabelled,
+                              np.random.default_rng([scenario.seed, DATA_STREAM, 400]))
 
     return Federation(
         mode_names=scenario.mode_names,
         num_classes=num_classes,
         input_shape=tuple(modes[0].train_x.shape[1:]),
         train_x=np.concatenate(xs),
-        train_y=np.concatenate(ys),
+        train_y=train_y,
         train_mode=np.concatenate(ms),
         offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
         client_mode=np.asarray(client_mode, dtype=np.int64),

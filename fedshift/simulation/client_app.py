@@ -27,13 +27,15 @@ def train(msg: Message, context: Context) -> Message:
         world = world_for(str(cfg.pop(SCENARIO)))
         state = unpack_state(content)
         instruction = ClientInstruction(cid, record_to_arrays(content.array_records.get("arrays")), cfg)
-        result = world.run_client(instruction, server_round, state)
+        result, trainer_stats = world.run_client(instruction, server_round, state,
+                                                 record_to_arrays(content.array_records.get("trainer.server")))
     except Exception as exc:  # reported to the server, which counts the client as failed and goes on
         reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
         return Message(RecordDict({"error": ConfigRecord({"reason": reason, CID: cid})}), reply_to=msg)
     reply = RecordDict({
         "arrays": arrays_to_record(result.arrays),
         "stats": arrays_to_record(result.stats),
+        "trainer.stats": arrays_to_record(trainer_stats),
         "metrics": metrics_record(result.metrics, result.num_examples),
         "meta": ConfigRecord({CID: cid}),
     })

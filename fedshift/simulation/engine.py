@@ -108,6 +108,7 @@ class Simulation:
             builtin.append(TensorBoard(self.out_dir / "tensorboard", self.scenario_text))
         self.callbacks = [*builtin, *callbacks]
         self.client_states: dict[int, dict[str, Any]] = {}
+        self.trainer_broadcast: dict[str, torch.Tensor] = {}
         self.rows: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
         self._error: BaseException | None = None
@@ -199,6 +200,8 @@ class Simulation:
                                       "config": ConfigRecord({**ins.config, CID: ins.cid, ROUND: t,
                                                               SCENARIO: self.scenario_text})})
                 pack_state(content, self.client_states.get(ins.cid, {}))
+                if self.trainer_broadcast:
+                    content["trainer.server"] = arrays_to_record(self.trainer_broadcast)
                 messages.append(Message(content, dst_node_id=node, message_type="train"))
                 by_node[node] = ins
             replies = self._collect(grid.send_and_receive(messages), by_node)
@@ -207,6 +210,8 @@ class Simulation:
                 row[f"q/{m}"] = float(w)
                 row[f"clients/{m}"] = sum(1 for c in cohort if c.mode == k)
             row.update(self.strategy.aggregate_train(t, replies))
+            self.trainer_broadcast = self.world.trainer.aggregate_stats(
+                t, [(r.num_examples, r.mode, r.trainer_stats) for r in replies if r.error is None])
             row["clients/failed"] = sum(1 for r in replies if r.error is not None) + row.get("clients/nonfinite", 0)
             if (t + 1) % self.scenario.eval.every == 0 or t == self.scenario.rounds - 1:
                 row.update(self.strategy.evaluate(self.test_sets, self.scenario.eval.batch_size))
@@ -239,7 +244,8 @@ class Simulation:
             self.client_states[cid] = unpack_state(c)
             replies[cid] = ClientReply(cid, int(mode_of[cid]), n, record_to_arrays(c.array_records.get("arrays")),
                                        {k: float(v) for k, v in metrics.items()},
-                                       record_to_arrays(c.array_records.get("stats")))
+                                       record_to_arrays(c.array_records.get("stats")), None,
+                                       record_to_arrays(c.array_records.get("trainer.stats")))
         for ins in by_node.values():  # no reply at all (timeout, lost worker)
             if ins.cid not in replies:
                 replies[ins.cid] = ClientReply(ins.cid, int(mode_of[ins.cid]), 0, {}, {}, {}, "no reply")

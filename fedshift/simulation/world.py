@@ -17,6 +17,7 @@ import torch
 
 from ..clients.base import CLIENT_STRATEGIES, ClientData, ClientTrainer
 from ..config import Scenario, parse_yaml, validate_scenario
+from ..errors import ScenarioError
 from ..data import Federation, build_federation
 from ..models import MultiBranchNet, build_model
 from ..shift import SCHEDULES, ModeSchedule, TraceSchedule
@@ -60,7 +61,31 @@ def build_trainer(scenario: Scenario) -> ClientTrainer:
 
 def initial_model(scenario: Scenario, federation: Federation) -> MultiBranchNet:
     torch.manual_seed(int(np.random.SeedSequence([scenario.seed, MODEL_INIT_STREAM]).generate_state(1)[0]))
-    return build_model(scenario, federation.input_shape, federation.num_classes)
+    model = build_model(scenario, federation.input_shape, federation.num_classes)
+    if scenario.model.pretrained:
+        load_pretrained(model, scenario.model.pretrained)
+    return model
+
+
+def load_pretrained(model: MultiBranchNet, path: str) -> None:
+    """Load a state_dict file into the model; heads missing from it (e.g. a 1-branch checkpoint into a
+    K-branch model) are copied from head 0 when the checkpoint has one."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ScenarioError([("model.pretrained", f"cannot load {path!r}: {exc}")]) from None
+    if not isinstance(sd, dict):
+        raise ScenarioError([("model.pretrained", f"{path!r} does not hold a state_dict")])
+    own = model.state_dict()
+    for name in own:
+        if name not in sd and name.startswith("heads.") and "heads.0." + name.split(".", 2)[2] in sd:
+            sd[name] = sd["heads.0." + name.split(".", 2)[2]]
+    wrong = [n for n in own if n in sd and tuple(sd[n].shape) != tuple(own[n].shape)]
+    missing = [n for n in own if n not in sd]
+    if wrong or missing:
+        raise ScenarioError([("model.pretrained", f"{path!r} does not fit model {model.__class__.__name__}: "
+                              f"missing {missing[:5]}, wrong shape {wrong[:5]}")])
+    model.load_state_dict({n: sd[n] for n in own})
 
 
 def client_seed(seed: int, server_round: int, cid: int) -> int:
@@ -92,8 +117,11 @@ class World:
         sl = self.federation.client_slice(cid)
         return ClientData(self.x[sl], self.y[sl], self.domain[sl], self.federation.num_classes)
 
-    def run_client(self, instruction: ClientInstruction, server_round: int, state: dict[str, Any]) -> ClientResult:
-        """Load the sent arrays into the model and run the strategy's client half for one client."""
+    def run_client(self, instruction: ClientInstruction, server_round: int, state: dict[str, Any],
+                   trainer_server: dict[str, torch.Tensor] | None = None) -> tuple[ClientResult, dict[str, torch.Tensor]]:
+        """Load the sent arrays into the model and run the strategy's client half for one client.
+
+        Returns the strategy's result and the client training strategy's statistics for the server."""
         cid = instruction.cid
         if not 0 <= cid < self.federation.num_clients:
             raise ValueError(f"client id {cid} is not in this federation (0..{self.federation.num_clients - 1})")
@@ -104,8 +132,9 @@ class World:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         job = ClientJob(cid=cid, round=server_round, model=self.model, received=list(instruction.arrays),
                         data=self.client_data(cid), trainer=self.trainer, config=instruction.config,
-                        device=self.device, state=state, generator=gen)
-        return self.strategy.client_update(job)
+                        device=self.device, state=state, generator=gen,
+                        trainer_server={k: v.to(self.device) for k, v in (trainer_server or {}).items()})
+        return self.strategy.client_update(job), job.trainer_stats
 
 
 _WORLDS: OrderedDict[str, World] = OrderedDict()
