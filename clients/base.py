@@ -152,6 +152,16 @@ class ClientTrainer:
         """One optimizer step on one batch; returns metrics such as ``{"loss": ...}`` (tensors are fine)."""
         raise NotImplementedError
 
+    # ---- model hooks, optional
+    def prepare_model(self, model: MultiBranchNet) -> None:
+        """Change the model once, when it is built (on the server and on every worker, identically seeded):
+        e.g. insert LoRA or adapter modules. Runs after ``model.pretrained`` weights are loaded."""
+
+    def shared_names(self, model: MultiBranchNet) -> list[str] | None:
+        """Names of the parameters that train and travel between server and clients (None = all). The others
+        stay as built on every worker, so they must never change (frozen)."""
+        return None
+
     # ---- server side, optional: statistics shared between clients (the D3 mapping: client = domain)
     def aggregate_stats(self, server_round: int, stats: list[tuple[int, int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
         """Runs on the server after each round with ``(num_examples, mode, ctx.stats)`` of every client that

@@ -59,11 +59,13 @@ def build_trainer(scenario: Scenario) -> ClientTrainer:
     return cls(cls.Params.model_validate(scenario.client.params()), scenario.client)
 
 
-def initial_model(scenario: Scenario, federation: Federation) -> MultiBranchNet:
+def initial_model(scenario: Scenario, federation: Federation, trainer: ClientTrainer) -> MultiBranchNet:
+    """The model every process starts from: seeded init, pretrained weights, then the trainer's changes."""
     torch.manual_seed(int(np.random.SeedSequence([scenario.seed, MODEL_INIT_STREAM]).generate_state(1)[0]))
     model = build_model(scenario, federation.input_shape, federation.num_classes)
     if scenario.model.pretrained:
         load_pretrained(model, scenario.model.pretrained)
+    trainer.prepare_model(model)
     return model
 
 
@@ -108,8 +110,9 @@ class World:
     def build(cls, scenario: Scenario, on_worker: bool = True) -> World:
         fed = build_federation(scenario)
         device = resolve_device(scenario, on_worker)
-        model = initial_model(scenario, fed).to(device)
-        return cls(scenario, fed, model, build_strategy(scenario, fed.num_classes), build_trainer(scenario), device,
+        trainer = build_trainer(scenario)
+        model = initial_model(scenario, fed, trainer).to(device)
+        return cls(scenario, fed, model, build_strategy(scenario, fed.num_classes), trainer, device,
                    torch.from_numpy(fed.train_x).to(device), torch.from_numpy(fed.train_y).to(device),
                    torch.from_numpy(fed.train_mode).to(device))
 
