@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -25,7 +26,7 @@ EXIT_INVALID = 2
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(EXIT_INVALID)
 
 
@@ -127,7 +128,7 @@ def validate(
             bad += 1
             console.print(f"[bold red]invalid[/] {p}")
             for key, msg in exc.problems:
-                console.print(f"  {key or '<root>'}: {msg}", highlight=False, markup=False)
+                console.print(f"  {key or '<root>'}: {msg}", highlight=False, markup=False, soft_wrap=True)
     if bad:
         raise typer.Exit(EXIT_INVALID)
 
@@ -155,7 +156,7 @@ def main() -> None:
     try:
         app()
     except FedshiftError as exc:  # raised outside a command's own handling
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
         sys.exit(EXIT_INVALID)
 
 

@@ -7,6 +7,7 @@ checks that span several sections. The ``build_*`` functions turn a resolved sce
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -82,8 +83,13 @@ def resolve_components(s: Scenario, base_dir: Path | None) -> list[tuple[str, st
             mode.dataset = resolve_dataset(mode.dataset, f"modes.{name}.dataset")
 
     # shift schedule
-    if s.shift.weights is not None and len(s.shift.weights) != k:
-        problems.append(("shift.weights", f"needs one weight per mode ({k}: {', '.join(s.modes)}), got {len(s.shift.weights)}"))
+    w = s.shift.weights
+    if w is not None and len(w) != k:
+        problems.append(("shift.weights", f"needs one weight per mode ({k}: {', '.join(s.modes)}), got {len(w)}"))
+    elif w is not None and (any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0):
+        problems.append(("shift.weights", f"weights must be finite, >= 0 and not all 0, got {w}"))
+    if s.shift.schedule == "trace" and not s.shift.trace:
+        problems.append(("shift.trace", "schedule 'trace' needs 'trace: PATH' (a CSV file of per-round mode weights)"))
     if s.shift.schedule == "trace" and s.shift.trace:
         path = Path(s.shift.trace)
         if base_dir is not None and not path.is_absolute():
@@ -123,6 +129,7 @@ def resolve_components(s: Scenario, base_dir: Path | None) -> list[tuple[str, st
         problems.extend(errs)
         if values is not None:
             s.client = type(s.client)(**base, **values)
+            problems.extend(trainer.check_scenario(trainer.Params.model_validate(values), s))
 
     if s.model.pretrained:
         path = Path(s.model.pretrained)

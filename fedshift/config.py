@@ -9,13 +9,12 @@ defaults, so a resolved scenario re-runs exactly as it ran.
 from __future__ import annotations
 
 import copy
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ScenarioError
 
@@ -61,14 +60,14 @@ class ModeConfig(StrictModel):
 
 
 class PartitionConfig(StrictModel):
-    kind: Literal["iid", "dirichlet", "natural"] = "iid"
+    kind: Literal["iid", "dirichlet", "natural"] = Field("iid", description="iid shuffle, Dirichlet label skew, or natural ids (writers)")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration over classes (dirichlet only)")
     min_examples: PositiveInt = Field(2, description="every client gets at least this many training examples")
 
 
 class DataConfig(StrictModel):
     dataset: str | DatasetSpec = Field("digits", description="dataset name, or {name: ..., option: value}")
-    clients_per_mode: PositiveInt = 20
+    clients_per_mode: PositiveInt = Field(20, description="clients in each mode's pool")
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held out for testing when a dataset has no test split")
     max_test_per_mode: PositiveInt | None = Field(None, description="cap on each mode's test examples")
@@ -80,71 +79,61 @@ class DataConfig(StrictModel):
 
 
 class ShiftConfig(StrictModel):
-    schedule: Literal["linear", "cosine", "block", "constant", "trace"] = "linear"
-    period: int = Field(16, description="rounds per period (>= 2)")
+    schedule: Literal["linear", "cosine", "block", "constant", "trace"] = Field("linear", description="how mode weights move (see Schedules)")
+    period: int = Field(16, ge=2, description="rounds per period (>= 2)")
     power: float = Field(1.0, gt=0, description="q(t) is raised to this power; > 1 favours night")
     phase: float = Field(0.0, ge=0, lt=1, description="phase offset as a fraction of the period")
     weights: list[float] | None = Field(None, description="constant schedule: one weight per mode")
     trace: str | None = Field(None, description="trace schedule: CSV with one column per mode, one row per round")
 
-    @model_validator(mode="after")
-    def _check(self) -> ShiftConfig:
-        if self.period < 2:
-            raise ValueError(f"period must be >= 2 rounds, got {self.period}")
-        if self.schedule == "trace" and not self.trace:
-            raise ValueError("schedule 'trace' needs 'trace: PATH' (a CSV file of per-round mode weights)")
-        if self.weights is not None and (any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0):
-            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {self.weights}")
-        return self
-
 
 class ModelConfig(NamedComponent):
-    architecture: str = "mlp"
+    architecture: str = Field("mlp", description="model family (see Models); its options sit beside it")
     branches: PositiveInt | None = Field(None, description="heads; by default what the strategy needs")
-    feature_dim: PositiveInt | None = None
+    feature_dim: PositiveInt | None = Field(None, description="width of the feature the heads read; per-model default")
     pretrained: str | None = Field(None, description="start from these weights: a state_dict file, e.g. a run's model.pt")
 
 
 class StrategyConfig(NamedComponent):
-    name: str = "fedavg"
+    name: str = Field("fedavg", description="server strategy (see Server strategies); its parameters sit beside it")
 
 
 class ClientConfig(NamedComponent):
-    strategy: str = "erm"
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    local_epochs: PositiveInt = 1
-    batch_size: PositiveInt = 20
+    strategy: str = Field("erm", description="client training strategy; its hyperparameters sit beside it")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="client optimizer, rebuilt every round")
+    lr: float = Field(0.05, gt=0, description="client learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd momentum")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    local_epochs: PositiveInt = Field(1, description="passes over the local data per round")
+    batch_size: PositiveInt = Field(20, description="local batch size")
     max_steps: PositiveInt | None = Field(None, description="cap on local optimizer steps per round")
 
 
 class EvalConfig(StrictModel):
-    every: PositiveInt = 1
-    batch_size: PositiveInt = 256
+    every: PositiveInt = Field(1, description="evaluate every N rounds (and always after the last)")
+    batch_size: PositiveInt = Field(256, description="test batch size (also the vote group size of multi-branch evaluation)")
 
 
 class BackendConfig(StrictModel):
     num_cpus: float = Field(1.0, gt=0, description="CPUs per simulated client (fractions allowed)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per simulated client (fractions allowed)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present (clients too), else CPU")
     ray_address: str | None = Field(None, description="join this Ray cluster ('auto' or host:port) instead of starting one")
     ray_num_cpus: PositiveInt | None = Field(None, description="CPUs Ray may use when it starts locally (default: all)")
 
 
 class OutputConfig(StrictModel):
-    dir: str = "runs"
-    tensorboard: bool = True
-    save_model: bool = True
+    dir: str = Field("runs", description="parent of run directories (fedshift run --out picks one exactly)")
+    tensorboard: bool = Field(True, description="write tensorboard/ event files")
+    save_model: bool = Field(True, description="write the final weights to model.pt")
 
 
 class Scenario(StrictModel):
-    name: str = "scenario"
-    seed: int = Field(0, ge=0)
-    rounds: PositiveInt = 64
-    clients_per_round: PositiveInt = 10
-    modes: dict[str, ModeConfig]
+    name: str = Field("scenario", description="names the run directory")
+    seed: int = Field(0, ge=0, description="seeds data splits, model init, cohorts and client training")
+    rounds: PositiveInt = Field(64, description="training rounds (round 0 is the first)")
+    clients_per_round: PositiveInt = Field(10, description="cohort size M; every mode needs at least M clients")
+    modes: dict[str, ModeConfig] = Field(description="two or more modes; the first is 'day' (weight q(t))")
     data: DataConfig = Field(default_factory=DataConfig)
     shift: ShiftConfig = Field(default_factory=ShiftConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -252,25 +241,58 @@ def load_scenario(path_or_name: str | None = None, overrides: list[str] | None =
 
 def validate_scenario(raw: dict[str, Any], base_dir: Path | None = None) -> Scenario:
     """Validate a raw mapping into a resolved Scenario (component parameters filled with their defaults)."""
-    try:
-        scenario = Scenario.model_validate(raw)
-    except ValidationError as exc:
-        raise ScenarioError(_pydantic_problems(exc, Scenario)) from None
     from .components import resolve_components  # registries import models and strategies; keep this lazy
 
-    problems = resolve_components(scenario, base_dir)
+    problems: list[tuple[str, str]] = []
+    raw = copy.deepcopy(raw)
+    for _ in range(5):  # drop what failed and validate again, so later checks can report their problems too
+        try:
+            scenario = Scenario.model_validate(raw)
+            break
+        except ValidationError as exc:
+            problems += [p for p in _pydantic_problems(exc, Scenario) if p not in problems]
+            locs = {tuple(_clean_loc(err["loc"])) for err in exc.errors()}
+            if not all(_drop(raw, list(loc)) for loc in sorted(locs, reverse=True)):
+                raise ScenarioError(problems) from None
+    else:
+        raise ScenarioError(problems)
+    problems += [p for p in resolve_components(scenario, base_dir)
+                 if not any(p[0] == q[0] or p[0].startswith(q[0] + ".") for q in problems)]
     if problems:
         raise ScenarioError(problems)
     return scenario
 
 
+def _clean_loc(loc: tuple) -> list[str]:
+    """The key path of a pydantic error without the names of union members (``str``, ``DatasetSpec``...):
+    pydantic reports each failed member of a union separately; one message per key path is enough."""
+    return [str(p) for p in loc if str(p) not in ("str", "DatasetSpec", "TransformSpec")
+            and not str(p).startswith(("literal[", "function-"))]
+
+
+def _drop(raw: Any, loc: list[str]) -> bool:
+    """Remove the value at ``loc`` (its first resolvable prefix) so its default applies; False if impossible."""
+    node = raw
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            if i == len(loc) - 1 or not isinstance(node[part], (dict, list)):
+                del node[part]
+                return True
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            if i == len(loc) - 1 or not isinstance(node[int(part)], (dict, list)):
+                del node[int(part)]
+                return True
+            node = node[int(part)]
+        else:
+            return False
+    return False
+
+
 def _pydantic_problems(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
     problems = []
     for err in exc.errors(include_url=False):
-        loc = [str(p) for p in err["loc"]]
-        # pydantic reports each failed member of a union (str | Spec) separately; keep one message per path.
-        loc = [p for p in loc if p not in ("str", "DatasetSpec", "TransformSpec", "literal['invert','hflip','vflip']")
-               and not p.startswith("function-")]
+        loc = _clean_loc(err["loc"])
         path = ".".join(filter(None, [prefix, *loc]))
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(root, loc[:-1])
@@ -281,8 +303,11 @@ def _pydantic_problems(exc: ValidationError, root: type[BaseModel], prefix: str 
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"].endswith("_type") or err["type"] == "literal_error":
                 msg += f" (got {err.get('input')!r})"
-        if (path, msg) not in problems:
+        earlier = next((i for i, (p, _) in enumerate(problems) if p == path), None)
+        if earlier is None:
             problems.append((path, msg))
+        elif msg not in problems[earlier][1]:  # the members of a union each failed: say both ways
+            problems[earlier] = (path, f"{problems[earlier][1]}; or: {msg}")
     return problems
 
 

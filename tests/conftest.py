@@ -1,0 +1,15 @@
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def digits_raw():
+    """The default scenario as a raw mapping, shrunk for fast tests."""
+    from fedshift.config import read_scenario_source
+
+    raw, _, _ = read_scenario_source("default")
+    return raw

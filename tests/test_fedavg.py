@@ -1,0 +1,49 @@
+import math
+
+import pytest
+import torch
+
+from fedshift.strategies.base import ClientReply, ServerOptimizerConfig, StrategyParams
+from fedshift.strategies.fedavg import FedAvg
+from fedshift.strategies.server_optimizer import ServerOptimizer, mean_update
+
+
+def reply(cid, n, w, loss=1.0):
+    return ClientReply(cid, 0, n, {"w": torch.tensor(w)}, {"loss": loss}, {})
+
+
+def test_mean_update_is_example_weighted():
+    g = {"w": torch.tensor([0.0, 0.0])}
+    d = mean_update(g, [reply(0, 1, [1.0, 0.0]), reply(1, 3, [0.0, 4.0])])
+    assert torch.allclose(d["w"], torch.tensor([0.25, 3.0], dtype=torch.float64))
+
+
+def test_sgd_lr1_is_plain_fedavg_and_momentum_accumulates():
+    opt = ServerOptimizer(ServerOptimizerConfig(name="sgd", lr=1.0), {"w": torch.tensor([1.0])})
+    opt.step({"w": torch.tensor([0.5], dtype=torch.float64)})
+    assert opt.arrays["w"].item() == pytest.approx(1.5)
+    mom = ServerOptimizer(ServerOptimizerConfig(name="momentum", lr=1.0, momentum=0.5), {"w": torch.tensor([0.0])})
+    mom.step({"w": torch.tensor([1.0], dtype=torch.float64)})
+    mom.step({"w": torch.tensor([1.0], dtype=torch.float64)})
+    assert mom.arrays["w"].item() == pytest.approx(1.0 + 1.5)
+
+
+def test_adam_first_step_moves_by_lr_in_the_update_direction():
+    opt = ServerOptimizer(ServerOptimizerConfig(name="adam", lr=0.1, eps=1e-8), {"w": torch.tensor([0.0, 0.0])})
+    opt.step({"w": torch.tensor([2.0, -0.001], dtype=torch.float64)})
+    # bias-corrected first Adam step is lr * sign(update) (up to eps)
+    assert torch.allclose(opt.arrays["w"], torch.tensor([0.1, -0.1]), atol=1e-4)
+
+
+def test_fedavg_drops_failed_and_nonfinite_updates():
+    model = torch.nn.Module()
+    model.register_parameter("w", torch.nn.Parameter(torch.tensor([0.0])))
+    s = FedAvg(StrategyParams())
+    s.initialize(model)
+    replies = [reply(0, 2, [1.0], loss=0.5), reply(1, 2, [math.nan]), ClientReply(2, 1, 0, {}, {}, {}, "boom"),
+               reply(3, 2, [3.0], loss=1.5)]
+    m = s.aggregate_train(0, replies)
+    assert s.opt.arrays["w"].item() == pytest.approx(2.0)
+    assert m["clients/failed"] == 1 and m["clients/nonfinite"] == 1 and m["train/loss"] == pytest.approx(1.0)
+    assert s.aggregate_train(1, [reply(0, 1, [math.inf])])["clients/nonfinite"] == 1
+    assert s.opt.arrays["w"].item() == pytest.approx(2.0)  # nothing usable: the model stays
