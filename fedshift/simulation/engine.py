@@ -110,7 +110,8 @@ class Simulation:
         self.client_states: dict[int, dict[str, Any]] = {}
         self.trainer_broadcast: dict[str, torch.Tensor] = {}
         shared = self.world.trainer.shared_names(self.world.model)
-        self.shared_names = None if shared is None else set(shared)
+        # model parameters that never travel (frozen by the client training strategy)
+        self.frozen_names = set() if shared is None else set(self.world.model.state_dict()) - set(shared)
         self.rows: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
         self._error: BaseException | None = None
@@ -198,8 +199,8 @@ class Simulation:
             by_node: dict[int, ClientInstruction] = {}
             messages = []
             for node, ins in zip(nodes, instructions, strict=True):
-                if self.shared_names is not None:  # frozen parameters never travel (the trainer says which)
-                    ins.arrays = {k: v for k, v in ins.arrays.items() if k in self.shared_names}
+                if self.frozen_names:  # frozen parameters never travel (the trainer says which)
+                    ins.arrays = {k: v for k, v in ins.arrays.items() if k not in self.frozen_names}
                 content = RecordDict({"arrays": arrays_to_record(ins.arrays),
                                       "config": ConfigRecord({**ins.config, CID: ins.cid, ROUND: t,
                                                               SCENARIO: self.scenario_text})})
