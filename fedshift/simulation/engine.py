@@ -28,6 +28,7 @@ from ..errors import FedshiftError
 from ..recording import Callback, MetricsCSV, TensorBoard, final_period_means, write_json
 from ..shift import ModeSampler
 from ..strategies.base import ClientInstruction, ClientReply, ClientSpec
+from . import flower_patches
 from .transport import CID, ROUND, SCENARIO, arrays_to_record, pack_state, record_to_arrays, unpack_state
 from .world import World, resolve_device
 
@@ -138,6 +139,7 @@ class Simulation:
         from .client_app import app as client_app
 
         os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        flower_patches.install()
         server_app = ServerApp()
 
         @server_app.main()
@@ -189,6 +191,7 @@ class Simulation:
     def _loop(self, grid) -> None:
         from flwr.app import ConfigRecord, Message, RecordDict
 
+        flower_patches.tune_grid(grid)
         nodes = self._wait_for_nodes(grid)
         self.startup_s = time.perf_counter() - self._t_start
         fed = self.world.federation
