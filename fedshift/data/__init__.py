@@ -1,5 +1,6 @@
 """Datasets, modes and partitions."""
 
+from . import hf  # noqa: F401  (registers the hub datasets: emnist, cifar10, cifar100)
 from .federation import Federation, build_federation
 from .sources import DATASETS, DatasetSource, SourceData
 
