@@ -133,6 +133,25 @@ def validate(
         raise typer.Exit(EXIT_INVALID)
 
 
+@app.command()
+def bench(
+    workload: Annotated[str, typer.Option("--workload", "-w", help="A (EMNIST-shaped CNN), B (10,000 clients, MLP) or C (ResNet-18-GN, GPU)")] = "A",
+    rounds: Annotated[int, typer.Option("--rounds", "-r", min=3, help="rounds per implementation")] = 20,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="write the results here as JSON")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="leave out raw, fedshift or flower")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Time fedshift against the raw PyTorch loop (the physical limit) and a plain Flower simulation."""
+    from .bench import WORKLOADS, run_bench
+
+    if workload not in WORKLOADS:
+        _fail(FedshiftError(f"--workload {workload!r}: valid workloads are {', '.join(WORKLOADS)}"))
+    try:
+        run_bench(workload, rounds, str(json_file) if json_file else None, skip or [], set_ or [], out_console)
+    except FedshiftError as exc:
+        _fail(exc)
+
+
 @app.command("list")
 def list_() -> None:
     """Built-in scenarios, schedules, datasets, models, server strategies and client training strategies."""

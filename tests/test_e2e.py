@@ -57,10 +57,12 @@ def test_fedavg_learns_and_swings_with_q(default_run):
     assert (late[late["q/day"] == 0.0]["eval/day/accuracy"] < 0.5).all()
 
 
-def test_same_seed_same_metrics_whatever_the_cpu_split(tmp_path):
+def test_same_seed_same_metrics_whatever_the_execution(tmp_path):
+    """Identical metrics with 2 or 4 client processes, one client per task or packs of three."""
     base = ["rounds=4", "output.tensorboard=false", "output.save_model=false"]
     a = run_scenario(load_scenario("default", [*base, "backend.num_cpus=1"]), out=tmp_path / "a")
-    b = run_scenario(load_scenario("default", [*base, "backend.num_cpus=0.5"]), out=tmp_path / "b")
+    b = run_scenario(load_scenario("default", [*base, "backend.num_cpus=0.5", "backend.clients_per_task=3"]),
+                     out=tmp_path / "b")
     da = pd.read_csv(a.out_dir / "metrics.csv").drop(columns=TIME_COLUMNS)
     db = pd.read_csv(b.out_dir / "metrics.csv").drop(columns=TIME_COLUMNS)
     pd.testing.assert_frame_equal(da, db)

@@ -29,7 +29,7 @@ from ..recording import Callback, MetricsCSV, TensorBoard, final_period_means, w
 from ..shift import ModeSampler
 from ..strategies.base import ClientInstruction, ClientReply, ClientSpec
 from . import flower_patches
-from .transport import CID, ROUND, SCENARIO, arrays_to_record, pack_state, record_to_arrays, unpack_state
+from .transport import UnpackedReply, pack_instructions, unpack_reply
 from .world import World, resolve_device
 
 log = logging.getLogger("fedshift")
@@ -119,7 +119,12 @@ class Simulation:
 
     # ------------------------------------------------------------------ Flower plumbing
     def backend_config(self) -> dict[str, Any]:
-        b = self.scenario.backend
+        return self.backend_config_of(self.scenario)
+
+    @staticmethod
+    def backend_config_of(scenario: Scenario) -> dict[str, Any]:
+        """Flower's backend_config for a scenario: client resources and ray.init arguments."""
+        b = scenario.backend
         num_gpus = b.num_gpus
         if num_gpus == 0 and b.device != "cpu" and torch.cuda.is_available():
             # Ray hides the GPU from actors that ask for none: share it between the CPU slots
@@ -163,7 +168,7 @@ class Simulation:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 run_simulation(server_app=server_app, client_app=client_app,
-                               num_supernodes=self.scenario.clients_per_round, backend_config=self.backend_config())
+                               num_supernodes=self.num_tasks, backend_config=self.backend_config())
         except BaseException:
             if self._error is None:
                 raise
@@ -176,8 +181,21 @@ class Simulation:
         summary = self._finish(time.perf_counter() - t0)
         return RunResult(self.out_dir, self.rows, summary)
 
+    @property
+    def clients_per_task(self) -> int:
+        b, m = self.scenario.backend, self.scenario.clients_per_round
+        if b.clients_per_task == "auto":
+            slots = max(1, int((b.ray_num_cpus or os.cpu_count() or 1) // b.num_cpus))
+            return max(1, -(-m // (2 * slots)))
+        return min(b.clients_per_task, m)
+
+    @property
+    def num_tasks(self) -> int:
+        """Messages per round = supernodes: one message per node per round avoids Flower's engine wait."""
+        return -(-self.scenario.clients_per_round // self.clients_per_task)
+
     def _wait_for_nodes(self, grid) -> list[int]:
-        want = self.scenario.clients_per_round
+        want = self.num_tasks
         deadline = time.monotonic() + NODE_WAIT_S
         while True:
             nodes = sorted(grid.get_node_ids())
@@ -189,7 +207,7 @@ class Simulation:
 
     # ------------------------------------------------------------------ the round loop
     def _loop(self, grid) -> None:
-        from flwr.app import ConfigRecord, Message, RecordDict
+        from flwr.app import Message
 
         flower_patches.tune_grid(grid)
         nodes = self._wait_for_nodes(grid)
@@ -199,19 +217,21 @@ class Simulation:
             t_round = time.perf_counter()
             cohort = [ClientSpec(cid, mode) for cid, mode in self.sampler.cohort(t)]
             instructions = self.strategy.configure_train(t, cohort)
-            by_node: dict[int, ClientInstruction] = {}
-            messages = []
-            for node, ins in zip(nodes, instructions, strict=True):
-                if self.frozen_names:  # frozen parameters never travel (the trainer says which)
+            if len(instructions) != len(cohort):
+                raise RuntimeError(f"strategy {self.scenario.strategy.name!r} gave {len(instructions)} instructions "
+                                   f"for a cohort of {len(cohort)}")
+            if self.frozen_names:  # frozen parameters never travel (the trainer says which)
+                for ins in instructions:
                     ins.arrays = {k: v for k, v in ins.arrays.items() if k not in self.frozen_names}
-                content = RecordDict({"arrays": arrays_to_record(ins.arrays),
-                                      "config": ConfigRecord({**ins.config, CID: ins.cid, ROUND: t,
-                                                              SCENARIO: self.scenario_text})})
-                pack_state(content, self.client_states.get(ins.cid, {}))
-                if self.trainer_broadcast:
-                    content["trainer.server"] = arrays_to_record(self.trainer_broadcast)
+            p = self.clients_per_task
+            by_node: dict[int, list[ClientInstruction]] = {}
+            messages = []
+            for node, start in zip(nodes, range(0, len(instructions), p)):
+                pack = instructions[start:start + p]
+                content = pack_instructions(pack, [self.client_states.get(i.cid, {}) for i in pack], t,
+                                            self.scenario_text, self.trainer_broadcast)
                 messages.append(Message(content, dst_node_id=node, message_type="train"))
-                by_node[node] = ins
+                by_node[node] = pack
             replies = self._collect(grid.send_and_receive(messages), by_node)
             row: dict[str, Any] = {"round": t}
             for k, (m, w) in enumerate(zip(fed.mode_names, self.sampler.schedule.weights(t))):
@@ -228,36 +248,31 @@ class Simulation:
             for cb in self.callbacks:
                 cb.on_round_end(row)
 
-    def _collect(self, reply_msgs, by_node: dict[int, ClientInstruction]) -> list[ClientReply]:
+    def _collect(self, reply_msgs, by_node: dict[int, list[ClientInstruction]]) -> list[ClientReply]:
+        """One ClientReply per instruction, in instruction order; failures carry their reason."""
         mode_of = self.world.federation.client_mode
         replies: dict[int, ClientReply] = {}
         for msg in reply_msgs:
-            ins = by_node.get(msg.metadata.src_node_id)
-            if ins is None:
-                continue
-            cid = ins.cid
-            error = None
-            if msg.has_error():
-                error = f"Flower error {msg.error.code}: {msg.error.reason}"
-            elif "error" in msg.content.config_records:
-                error = str(msg.content.config_records["error"]["reason"])
-            if error is not None:
-                replies[cid] = ClientReply(cid, int(mode_of[cid]), 0, {}, {}, {}, error)
-                self.failures.append({"cid": cid, "error": error.splitlines()[0]})
-                log.warning("client %d failed: %s", cid, error)
-                continue
-            c = msg.content
-            metrics = dict(c.metric_records["metrics"])
-            n = int(metrics.pop("num-examples"))
-            self.client_states[cid] = unpack_state(c)
-            replies[cid] = ClientReply(cid, int(mode_of[cid]), n, record_to_arrays(c.array_records.get("arrays")),
-                                       {k: float(v) for k, v in metrics.items()},
-                                       record_to_arrays(c.array_records.get("stats")), None,
-                                       record_to_arrays(c.array_records.get("trainer.stats")))
-        for ins in by_node.values():  # no reply at all (timeout, lost worker)
+            pack = by_node.get(msg.metadata.src_node_id, [])
+            for i, ins in enumerate(pack):
+                if msg.has_error():
+                    r = UnpackedReply(f"Flower error {msg.error.code}: {msg.error.reason}")
+                else:
+                    r = unpack_reply(msg.content, i)
+                replies[ins.cid] = self._reply(ins.cid, int(mode_of[ins.cid]), r)
+        ordered = [ins for pack in by_node.values() for ins in pack]
+        for ins in ordered:  # no reply at all (timeout, lost worker)
             if ins.cid not in replies:
-                replies[ins.cid] = ClientReply(ins.cid, int(mode_of[ins.cid]), 0, {}, {}, {}, "no reply")
-        return [replies[ins.cid] for ins in by_node.values()]
+                replies[ins.cid] = self._reply(ins.cid, int(mode_of[ins.cid]), UnpackedReply("no reply"))
+        return [replies[ins.cid] for ins in ordered]
+
+    def _reply(self, cid: int, mode: int, r) -> ClientReply:
+        if r.error is not None:
+            self.failures.append({"cid": cid, "error": r.error.splitlines()[0]})
+            log.warning("client %d failed: %s", cid, r.error)
+            return ClientReply(cid, mode, 0, {}, {}, {}, r.error)
+        self.client_states[cid] = r.state
+        return ClientReply(cid, mode, r.num_examples, r.arrays, r.metrics, r.stats, None, r.trainer_stats)
 
     # ------------------------------------------------------------------ results
     def _finish(self, wall_s: float) -> dict[str, Any]:

@@ -128,12 +128,15 @@ class World:
         cid = instruction.cid
         if not 0 <= cid < self.federation.num_clients:
             raise ValueError(f"client id {cid} is not in this federation (0..{self.federation.num_clients - 1})")
-        sd = {k: v.to(self.device) for k, v in instruction.arrays.items()}
+        own = self.model.state_dict()
+        sd = {k: v.to(self.device) for k, v in instruction.arrays.items() if k in own}
+        # arrays that are not model parameters (cluster centers, ...) reach the strategy as job.extra
+        extra = {k: v.to(self.device) for k, v in instruction.arrays.items() if k not in own}
         self.model.load_state_dict(sd, strict=False)
         seed = client_seed(self.scenario.seed, server_round, cid)
         torch.manual_seed(seed)  # dropout and any other use of the global generator
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        job = ClientJob(cid=cid, round=server_round, model=self.model, received=list(instruction.arrays),
+        job = ClientJob(cid=cid, round=server_round, model=self.model, received=list(sd), extra=extra,
                         data=self.client_data(cid), trainer=self.trainer, config=instruction.config,
                         device=self.device, state=state, generator=gen,
                         trainer_server={k: v.to(self.device) for k, v in (trainer_server or {}).items()})

@@ -1,0 +1,233 @@
+"""``fedshift bench``: fedshift against the physical limit and against a plain Flower simulation.
+
+Three implementations run the same workload in one invocation, on the same machine:
+
+- ``raw``: one process, no messaging, data preloaded on the device; the same clients, the same local steps
+  (the very ``World.run_client`` that fedshift's workers run) and the same aggregation (the strategy's
+  ``aggregate_train``). The physical limit of this arithmetic on this machine.
+- ``fedshift``: the real engine (Flower ServerApp/ClientApp on Ray), with evaluation only at the end.
+- ``flower``: a plain Flower simulation written the way Flower's tutorials write it: one supernode per
+  client, a ClientApp that loads its partition and builds its model on every call, flwr's own FedAvg.
+
+Each result holds the median seconds per round, client updates per second, start-up seconds (until the
+first round begins) and peak memory of the driver and of the client workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Scenario, load_scenario
+from .recording import Callback
+
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "A": {"about": "paper-EMNIST shaped: 200 clients of 100 28x28 images, 62 classes, 10 per round, emnist_cnn",
+          "overrides": ["data.dataset={name: synthetic, shape: [1, 28, 28], classes: 62, train_size: 10000, test_size: 620}",
+                        "modes={day: {}, night: {transform: [invert]}}", "data.clients_per_mode=100",
+                        "clients_per_round=10", "model={architecture: emnist_cnn}", "client.batch_size=20",
+                        "client.local_epochs=1", "client.lr=0.01"]},
+    "B": {"about": "large cohort: 10,000 clients, 100 per round, a small MLP",
+          "overrides": ["data.dataset={name: synthetic, shape: [1, 8, 8], classes: 10, train_size: 200000, test_size: 500}",
+                        "modes={day: {}, night: {transform: [invert]}}", "data.clients_per_mode=5000",
+                        "clients_per_round=100", "model={architecture: mlp, hidden: [32], feature_dim: 32}",
+                        "client.batch_size=20", "client.local_epochs=1"]},
+    "C": {"about": "GPU: ResNet-18-GN on CIFAR-shaped data, 10 clients per round",
+          "overrides": ["data.dataset={name: synthetic, shape: [3, 24, 24], classes: 110, train_size: 10000, test_size: 550}",
+                        "modes={day: {}, night: {transform: [invert]}}", "data.clients_per_mode=100",
+                        "clients_per_round=10", "model={architecture: resnet18_gn}", "client.batch_size=20",
+                        "client.local_epochs=1", "client.lr=0.01"]},
+}
+
+
+def workload_scenario(workload: str, rounds: int, extra: list[str] | None = None) -> Scenario:
+    w = WORKLOADS[workload]
+    return load_scenario("default", [f"name=bench-{workload}", f"rounds={rounds}", "shift.period=16",
+                                     f"eval.every={rounds}", "output.tensorboard=false", "output.save_model=false",
+                                     *w["overrides"], *(extra or [])])
+
+
+def _rss_mb(pid: int | str = "self") -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ClientAppActor" in cmd or b"ray::" in cmd and b"Actor" in cmd:
+                pids.append(int(p.name))
+    return pids
+
+
+class MemorySampler:
+    """Samples the RSS of the Ray client workers (summed) and of this process, every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.workers_peak_mb, self.driver_peak_mb = interval, 0.0, 0.0
+        self.driver_series: list[float] = []
+        self._stop = threading.Event()
+        self._th = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        workers = sum(_rss_mb(p) for p in _worker_pids())
+        self.workers_peak_mb = max(self.workers_peak_mb, workers)
+        drv = _rss_mb()
+        self.driver_series.append(drv)
+        self.driver_peak_mb = max(self.driver_peak_mb, drv)
+
+    def __enter__(self) -> MemorySampler:
+        self._th.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._th.join()
+        self.sample()
+
+
+def _result(round_times: list[float], clients_per_round: int, first_round_end_s: float,
+            mem: MemorySampler | None, driver_mb_per_round: list[float]) -> dict[str, Any]:
+    """Start-up is the same for every implementation: the wall time from the start until the first round
+    ends, less one steady round (it holds process start, data loading, model building, first-use costs)."""
+    steady = round_times[1:] if len(round_times) > 2 else round_times
+    med = statistics.median(steady)
+    return {"s_per_round": med, "client_updates_per_s": clients_per_round / med,
+            "startup_s": first_round_end_s - med, "rounds_timed": len(steady),
+            "s_per_round_p90": float(np.percentile(steady, 90)),
+            "peak_driver_mb": max(mem.driver_peak_mb if mem else 0.0, *driver_mb_per_round),
+            "peak_workers_mb": mem.workers_peak_mb if mem else 0.0,
+            "driver_mb_round_1_and_last": [driver_mb_per_round[min(1, len(driver_mb_per_round) - 1)],
+                                           driver_mb_per_round[-1]]}
+
+
+def bench_raw(scenario: Scenario) -> dict[str, Any]:
+    """The physical limit: the same client work and aggregation in one process, no messaging."""
+    from .shift import ModeSampler
+    from .simulation.world import World
+    from .strategies.base import ClientReply, ClientSpec
+
+    t0 = time.perf_counter()
+    world = World.build(scenario, on_worker=False)
+    mem_series = []
+    strategy = world.strategy
+    strategy.initialize(world.model)
+    sampler = ModeSampler(strategy.setup.schedule, world.federation.pools(), scenario.clients_per_round, scenario.seed)
+    states: dict[int, dict] = {}
+    times, first_end = [], 0.0
+    for t in range(scenario.rounds):
+        t1 = time.perf_counter()
+        cohort = [ClientSpec(c, m) for c, m in sampler.cohort(t)]
+        replies = []
+        for ins, spec in zip(strategy.configure_train(t, cohort), cohort):
+            state = states.setdefault(ins.cid, {})
+            ins_arrays = {k: v.clone() for k, v in ins.arrays.items()}  # what a message would deliver
+            result, tstats = world.run_client(type(ins)(ins.cid, ins_arrays, dict(ins.config)), t, state)
+            replies.append(ClientReply(ins.cid, spec.mode, result.num_examples,
+                                       {k: v.detach().cpu() for k, v in result.arrays.items()}, result.metrics,
+                                       result.stats, None, tstats))
+        strategy.aggregate_train(t, replies)
+        if world.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t1)
+        first_end = first_end or time.perf_counter() - t0
+        mem_series.append(_rss_mb())
+    return _result(times, scenario.clients_per_round, first_end, None, mem_series)
+
+
+class _RoundClock(Callback):
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.times: list[float] = []
+        self.first_end = 0.0
+        self.driver_mb: list[float] = []
+
+    def on_round_end(self, row):
+        self.times.append(row["time/round_s"])
+        self.first_end = self.first_end or time.perf_counter() - self.t0
+        self.driver_mb.append(_rss_mb())
+
+
+def bench_fedshift(scenario: Scenario, out: Path) -> dict[str, Any]:
+    from .simulation import Simulation
+
+    with MemorySampler() as mem:
+        clock = _RoundClock()
+        Simulation(scenario, out, [clock]).run()
+    return _result(clock.times, scenario.clients_per_round, clock.first_end, mem, clock.driver_mb)
+
+
+def bench_flower(scenario: Scenario) -> dict[str, Any]:
+    from . import _flower_baseline
+
+    with MemorySampler() as mem:
+        times, first_end, driver_mb = _flower_baseline.run(scenario)
+    return _result(times, scenario.clients_per_round, first_end, mem, driver_mb)
+
+
+def run_bench(workload: str, rounds: int, json_path: str | None, skip: list[str], extra: list[str], console) -> dict:
+    import tempfile
+
+    from rich.table import Table
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    scenario = workload_scenario(workload, rounds, extra)
+    device = "cuda" if torch.cuda.is_available() and scenario.backend.device != "cpu" else "cpu"
+    if workload == "C" and device != "cuda":
+        console.print("[yellow]workload C is a GPU workload; no CUDA device here, running it on CPU[/]")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, fn in [("raw", lambda: bench_raw(scenario)),
+                         ("fedshift", lambda: bench_fedshift(scenario, Path(tmp) / "run")),
+                         ("flower", lambda: bench_flower(scenario))]:
+            if name in skip:
+                continue
+            console.print(f"running {name} ...")
+            results[name] = fn()
+    ratios = {}
+    if "raw" in results and "fedshift" in results:
+        ratios["fedshift_over_raw"] = results["fedshift"]["s_per_round"] / results["raw"]["s_per_round"]
+    if "flower" in results and "fedshift" in results:
+        ratios["flower_over_fedshift"] = results["flower"]["s_per_round"] / results["fedshift"]["s_per_round"]
+    cpu_name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    report = {"workload": workload, "about": WORKLOADS[workload]["about"], "rounds": rounds, "device": device,
+              "machine": {"cpus": os.cpu_count(), "cpu": cpu_name,
+                          "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
+              "backend": scenario.backend.model_dump(), "results": results, "ratios": ratios}
+    table = Table(title=f"workload {workload}: {WORKLOADS[workload]['about']}; {rounds} rounds, {device}, "
+                        f"{os.cpu_count()} cpus")
+    for col in ["impl", "s/round (median)", "updates/s", "start-up s", "peak driver MB", "peak workers MB"]:
+        table.add_column(col, justify="right")
+    for name, r in results.items():
+        table.add_row(name, f"{r['s_per_round']:.4f}", f"{r['client_updates_per_s']:.1f}", f"{r['startup_s']:.1f}",
+                      f"{r['peak_driver_mb']:.0f}", f"{r['peak_workers_mb']:.0f}")
+    table.caption = "  ".join(f"{k} = {v:.2f}" for k, v in ratios.items())
+    console.print(table)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    return report
+

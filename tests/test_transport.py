@@ -1,0 +1,35 @@
+import torch
+from flwr.app import RecordDict
+
+from fedshift.simulation.transport import (add_error, add_reply, pack_instructions, unpack_instructions,
+                                           unpack_reply)
+from fedshift.strategies.base import ClientInstruction
+
+
+def test_pack_round_trip_sends_shared_tensors_once():
+    shared = torch.arange(6.0).reshape(2, 3)
+    own = torch.ones(3)
+    ins = [ClientInstruction(7, {"w": shared, "b": own}, {"branch": 1}),
+           ClientInstruction(9, {"w": shared}, {"branch": 0, "tag": "x"})]
+    states = [{"count": 3, "ema": torch.zeros(2)}, {}]
+    content = pack_instructions(ins, states, 5, "name: s", {"moments": torch.ones(4)})
+    assert len(content.array_records["arrays"]) == 2  # w once, b once
+    pack = unpack_instructions(content)
+    assert pack.server_round == 5 and pack.scenario_text == "name: s"
+    assert [t.instruction.cid for t in pack.tasks] == [7, 9]
+    assert torch.equal(pack.tasks[0].instruction.arrays["w"], shared)
+    assert torch.equal(pack.tasks[0].instruction.arrays["b"], own) and "b" not in pack.tasks[1].instruction.arrays
+    assert pack.tasks[1].instruction.config == {"branch": 0, "tag": "x"}
+    assert pack.tasks[0].state["count"] == 3 and torch.equal(pack.tasks[0].state["ema"], torch.zeros(2))
+    assert pack.tasks[1].state == {} and torch.equal(pack.broadcast["moments"], torch.ones(4))
+
+
+def test_reply_round_trip_with_a_failed_client():
+    content = RecordDict()
+    add_reply(content, 0, {"w": torch.ones(2)}, {"centers": torch.zeros(1)}, {"mu": torch.ones(1)},
+              {"loss": 0.5}, 12, {"n": 2})
+    add_error(content, 1, "ValueError: boom")
+    ok, bad, missing = unpack_reply(content, 0), unpack_reply(content, 1), unpack_reply(content, 2)
+    assert ok.error is None and ok.num_examples == 12 and ok.metrics == {"loss": 0.5} and ok.state == {"n": 2}
+    assert torch.equal(ok.arrays["w"], torch.ones(2)) and "centers" in ok.stats and "mu" in ok.trainer_stats
+    assert bad.error == "ValueError: boom" and missing.error is not None
