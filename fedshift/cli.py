@@ -33,12 +33,12 @@ def _fail(exc: Exception) -> None:
 class ProgressDisplay(Callback):
     """A progress bar: round, mode weights q(t), the cohort's composition, the latest per-mode accuracy."""
 
-    def __init__(self, rounds: int, modes: list[str]):
+    def __init__(self, rounds: int, modes: list[str], done: int = 0):
         self.modes = modes
         self.progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(bar_width=24),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                                  transient=False, refresh_per_second=4)
-        self.task = self.progress.add_task("run", total=rounds, info="starting Ray and the clients...")
+        self.task = self.progress.add_task("run", total=rounds, completed=done, info="starting Ray and the clients...")
         self.acc: dict[str, float] = {}
 
     def on_run_start(self, run: Any) -> None:
@@ -85,25 +85,38 @@ def run(
     scenario: Annotated[Optional[str], typer.Argument(help="scenario file or built-in name (default: 'default')")] = None,
     set_: SetOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run directory (must not exist or be empty)")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="continue the run in this directory from its checkpoint")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Run a scenario through a Flower/Ray simulation and write its run directory."""
+    """Run a scenario through a Flower/Ray simulation and write its run directory.
+
+    Ctrl-C or SIGTERM stops after the round in progress and writes a checkpoint; --resume continues it."""
     from .config import load_scenario
     from .simulation import Simulation
+    from .simulation.engine import Interrupted
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
-        sc = load_scenario(scenario, set_ or [])
-        sim = Simulation(sc, out)
+        if resume is not None:
+            if scenario is not None or set_ or out is not None:
+                raise FedshiftError("--resume takes the run directory only: its scenario.yaml is what runs")
+            sim = Simulation.resume(resume)
+            sc = sim.scenario
+        else:
+            sc = load_scenario(scenario, set_ or [])
+            sim = Simulation(sc, out)
     except FedshiftError as exc:
         _fail(exc)
-    display = None if quiet else ProgressDisplay(sc.rounds, sc.mode_names)
+    display = None if quiet else ProgressDisplay(sc.rounds, sc.mode_names, done=sim.start_round)
     if display is not None:
         sim.callbacks.append(display)
     try:
         result = sim.run()
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]; metrics so far are in {sim.out_dir / 'metrics.csv'}")
+    except (Interrupted, KeyboardInterrupt) as exc:
+        if display is not None:
+            display.close()
+        console.print(f"[yellow]{exc if isinstance(exc, Interrupted) else 'aborted'}[/]; "
+                      f"metrics so far are in {sim.out_dir / 'metrics.csv'}", highlight=False)
         raise typer.Exit(130) from None
     finally:
         if display is not None:

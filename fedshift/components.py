@@ -121,7 +121,8 @@ def resolve_components(s: Scenario, base_dir: Path | None) -> list[tuple[str, st
         problems.extend(errs)
         if values is not None:
             s.model = type(s.model)(architecture=s.model.architecture, branches=s.model.branches,
-                                    feature_dim=s.model.feature_dim or arch.default_feature_dim, **values)
+                                    feature_dim=s.model.feature_dim or arch.default_feature_dim,
+                                    pretrained=s.model.pretrained, **values)
     trainer = _lookup(regs["client strategies"], s.client.strategy, "client.strategy", ClientTrainer, problems)
     if trainer is not None:
         base = {f: getattr(s.client, f) for f in type(s.client).model_fields}
@@ -138,6 +139,12 @@ def resolve_components(s: Scenario, base_dir: Path | None) -> list[tuple[str, st
         if not path.is_file():
             problems.append(("model.pretrained", f"no such file: {str(path)!r}"))
         s.model.pretrained = str(path.resolve())
+
+    total = sum(s.faults.shares().values())
+    if total > 1:
+        problems.append(("faults", f"the fault shares add up to {total:g}; at most 1"))
+    if s.faults.slow > 0 and s.faults.time_limit_s is None:
+        problems.append(("faults.time_limit_s", "faults.slow needs a time limit to exceed"))
 
     # counts
     for name in s.modes:

@@ -130,6 +130,25 @@ class OutputConfig(StrictModel):
     dir: str = Field("runs", description="parent of run directories (fedshift run --out picks one exactly)")
     tensorboard: bool = Field(True, description="write tensorboard/ event files")
     save_model: bool = Field(True, description="write the final weights to model.pt")
+    checkpoint_every: PositiveInt | None = Field(None, description="write checkpoint.pt every N rounds (it is also "
+                                                                   "written when the run is interrupted)")
+
+
+class FaultsConfig(StrictModel):
+    """Injected client faults: each client of each round draws at most one, seeded by (seed, round, client)."""
+
+    raise_error: float = Field(0.0, ge=0, le=1, description="share of client updates that raise an exception")
+    nan: float = Field(0.0, ge=0, le=1, description="share that return NaN weights")
+    inf: float = Field(0.0, ge=0, le=1, description="share that return Inf weights")
+    slow: float = Field(0.0, ge=0, le=1, description="share that take longer than faults.time_limit_s")
+    drop: float = Field(0.0, ge=0, le=1, description="share that drop out (send no result)")
+    crash: float = Field(0.0, ge=0, le=1, description="share that kill their Ray worker process")
+    time_limit_s: float | None = Field(None, gt=0, description="replies later than this are not waited for "
+                                                                "(default: no limit)")
+
+    def shares(self) -> dict[str, float]:
+        return {"raise": self.raise_error, "nan": self.nan, "inf": self.inf, "slow": self.slow, "drop": self.drop,
+                "crash": self.crash}
 
 
 class Scenario(StrictModel):
@@ -146,6 +165,7 @@ class Scenario(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
     @property
     def mode_names(self) -> list[str]:
@@ -202,6 +222,8 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ScenarioError([("", f"not valid YAML{where}: {problem}")], source) from None
+    except RecursionError:
+        raise ScenarioError([("", "not valid YAML: nested too deeply")], source) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -26,12 +26,14 @@ class ModelOutput(NamedTuple):
 class MultiBranchNet(nn.Module):
     """A shared trunk producing a D-dimensional feature and K linear heads on top of it."""
 
-    def __init__(self, trunk: nn.Module, feature_dim: int, num_classes: int, branches: int):
+    def __init__(self, trunk: nn.Module, feature_dim: int, num_classes: int, branches: int,
+                 input_shape: tuple[int, ...] | None = None):
         super().__init__()
         self.trunk = trunk
         self.heads = nn.ModuleList(nn.Linear(feature_dim, num_classes) for _ in range(branches))
         self.feature_dim = feature_dim
         self.num_classes = num_classes
+        self.input_shape = None if input_shape is None else tuple(input_shape)  # of one example, e.g. (1, 28, 28)
 
     @property
     def num_branches(self) -> int:
@@ -62,7 +64,7 @@ class Architecture:
     def build(cls, input_shape: tuple[int, ...], num_classes: int, branches: int, feature_dim: int | None,
               params: ComponentParams) -> MultiBranchNet:
         d = feature_dim or cls.default_feature_dim
-        return MultiBranchNet(cls.trunk(input_shape, d, params), d, num_classes, branches)
+        return MultiBranchNet(cls.trunk(input_shape, d, params), d, num_classes, branches, input_shape)
 
     @classmethod
     def trunk(cls, input_shape: tuple[int, ...], feature_dim: int, params: ComponentParams) -> nn.Module:

@@ -31,10 +31,10 @@ class MetricsCSV(Callback):
     rewritten through a temporary file and an atomic rename, so it is never half-written.
     """
 
-    def __init__(self, path: Path, columns: list[str]):
+    def __init__(self, path: Path, columns: list[str], rows: list[dict[str, Any]] | None = None):
         self.path = path
-        self.columns = list(columns)
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(rows or [])  # a resumed run starts with its checkpoint's rows
+        self.columns = list(dict.fromkeys([*columns, *(k for r in self.rows for k in r)]))
 
     def on_run_start(self, run: Any) -> None:
         self._rewrite()

@@ -11,7 +11,8 @@ import traceback
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from .transport import add_error, add_reply, unpack_instructions
+from ..faults import DroppedOut
+from .transport import SCENARIO, add_error, add_reply, unpack_instructions
 from .world import world_for
 
 app = ClientApp()
@@ -29,11 +30,21 @@ def train(msg: Message, context: Context) -> Message:
     for i, task in enumerate(pack.tasks):
         try:
             result, trainer_stats = world.run_client(task.instruction, pack.server_round, task.state, pack.broadcast)
+        except DroppedOut:  # an injected drop-out: nothing is sent for this client
+            continue
         except Exception as exc:  # reported to the server, which counts the client as failed and goes on
             add_error(reply, i, _reason(exc))
             continue
         add_reply(reply, i, result.arrays, result.stats, trainer_stats, result.metrics, result.num_examples, task.state)
     return Message(reply, reply_to=msg)
+
+
+@app.query()
+def warm_up(msg: Message, context: Context) -> Message:
+    """Build this process's World before the first round, so start-up is not charged to round 0 (or to
+    the clients' time limit). Errors here are real errors of the scenario and end the run."""
+    world_for(str(msg.content.config_records["config"][SCENARIO])).warm_up()
+    return Message(RecordDict(), reply_to=msg)
 
 
 def _reason(exc: Exception) -> str:

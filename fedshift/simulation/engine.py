@@ -10,8 +10,11 @@ node per round keeps Flower's engine from waiting a polling interval between mes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -29,12 +32,13 @@ from ..recording import Callback, MetricsCSV, TensorBoard, final_period_means, w
 from ..shift import ModeSampler
 from ..strategies.base import ClientInstruction, ClientReply, ClientSpec
 from . import flower_patches
-from .transport import UnpackedReply, pack_instructions, unpack_reply
+from .transport import SCENARIO, UnpackedReply, pack_instructions, unpack_reply
 from .world import World, resolve_device
 
 log = logging.getLogger("fedshift")
 
 NODE_WAIT_S = 120.0
+WARM_UP_S = 1800.0  # building the data of a big scenario (decoding EMNIST, say) can take minutes
 
 
 @dataclass
@@ -83,10 +87,37 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-class Simulation:
-    """Builds everything from a resolved scenario, then ``run()`` drives the rounds through Flower and Ray."""
+FAILURE_REASONS = ("raised", "nonfinite", "dropped", "timeout", "crashed")
+CHECKPOINT = "checkpoint.pt"
 
-    def __init__(self, scenario: Scenario, out: str | Path | None = None, callbacks: Sequence[Callback] = ()):
+
+class Interrupted(FedshiftError):
+    """The run was stopped (Ctrl-C, SIGTERM, or ``request_stop``) at a round boundary, after a checkpoint."""
+
+    def __init__(self, out_dir: Path, rounds_done: int):
+        self.out_dir, self.rounds_done = out_dir, rounds_done
+        super().__init__(f"interrupted after {rounds_done} rounds; checkpoint written. "
+                         f"Continue with: fedshift run --resume {out_dir}")
+
+
+def failure_reason(error: str) -> str:
+    if error.startswith("Flower error"):
+        return "crashed"   # the worker process died or Ray lost it
+    if error == "no reply":
+        return "timeout"
+    if error == "dropped out":
+        return "dropped"
+    return "raised"
+
+
+class Simulation:
+    """Builds everything from a resolved scenario, then ``run()`` drives the rounds through Flower and Ray.
+
+    ``Simulation.resume(run_dir)`` rebuilds a run from its directory and continues after its checkpoint.
+    """
+
+    def __init__(self, scenario: Scenario, out: str | Path | None = None, callbacks: Sequence[Callback] = (),
+                 _resume_dir: Path | None = None):
         self.scenario = scenario
         t0 = time.perf_counter()
         # Everything that can fail on bad input happens before the run directory exists.
@@ -99,15 +130,6 @@ class Simulation:
         self.test_sets = {m: (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device))
                           for m, (x, y) in fed.test.items()}
         self.scenario_text = scenario.to_yaml()
-        self.build_s = time.perf_counter() - t0
-        self.out_dir = make_run_dir(scenario, out)
-        (self.out_dir / "scenario.yaml").write_text(self.scenario_text)
-        columns = ["round", *[f"q/{m}" for m in fed.mode_names], *[f"clients/{m}" for m in fed.mode_names],
-                   "clients/failed", "train/loss"]
-        builtin: list[Callback] = [MetricsCSV(self.out_dir / "metrics.csv", columns)]
-        if scenario.output.tensorboard:
-            builtin.append(TensorBoard(self.out_dir / "tensorboard", self.scenario_text))
-        self.callbacks = [*builtin, *callbacks]
         self.client_states: dict[int, dict[str, Any]] = {}
         self.trainer_broadcast: dict[str, torch.Tensor] = {}
         shared = self.world.trainer.shared_names(self.world.model)
@@ -115,7 +137,81 @@ class Simulation:
         self.frozen_names = set() if shared is None else set(self.world.model.state_dict()) - set(shared)
         self.rows: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
+        self.start_round = 0
+        if _resume_dir is not None:
+            self.out_dir = _resume_dir
+            self._load_checkpoint(_resume_dir / CHECKPOINT)
+        else:
+            self.out_dir = make_run_dir(scenario, out)
+            (self.out_dir / "scenario.yaml").write_text(self.scenario_text)
+        self.build_s = time.perf_counter() - t0
+        columns = ["round", *[f"q/{m}" for m in fed.mode_names], *[f"clients/{m}" for m in fed.mode_names],
+                   "clients/failed", *[f"clients/failed/{r}" for r in FAILURE_REASONS], "train/loss"]
+        builtin: list[Callback] = [MetricsCSV(self.out_dir / "metrics.csv", columns, self.rows)]
+        if scenario.output.tensorboard:
+            builtin.append(TensorBoard(self.out_dir / "tensorboard", self.scenario_text))
+        self.callbacks = [*builtin, *callbacks]
         self._error: BaseException | None = None
+        self._stop = threading.Event()
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, callbacks: Sequence[Callback] = ()) -> Simulation:
+        """The run of ``run_dir``, restored from its checkpoint, ready to ``run()`` the remaining rounds."""
+        from ..config import parse_yaml, validate_scenario
+
+        run_dir = Path(run_dir)
+        scenario_file, ckpt = run_dir / "scenario.yaml", run_dir / CHECKPOINT
+        if not scenario_file.is_file():
+            raise FedshiftError(f"--resume {str(run_dir)!r}: no scenario.yaml there; is it a fedshift run directory?")
+        if not ckpt.is_file():
+            raise FedshiftError(f"--resume {str(run_dir)!r}: no {CHECKPOINT} there (set output.checkpoint_every, "
+                                "or interrupt with Ctrl-C / SIGTERM, to get one)")
+        scenario = validate_scenario(parse_yaml(scenario_file.read_text(), str(scenario_file)))
+        return cls(scenario, callbacks=callbacks, _resume_dir=run_dir)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_state(self) -> dict[str, Any]:
+        import random
+
+        return {"format": 1, "round": len(self.rows), "scenario": self.scenario_text,
+                "model": {k: v.detach().cpu() for k, v in self.strategy.global_model().state_dict().items()},
+                "strategy": self.strategy.state_dict(), "client_states": self.client_states,
+                "trainer_broadcast": self.trainer_broadcast, "rows": self.rows, "failures": self.failures,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "versions": versions()}
+
+    def write_checkpoint(self) -> Path:
+        """Write checkpoint.pt atomically: a temporary file, flushed to disk, then renamed over the old one."""
+        path = self.out_dir / CHECKPOINT
+        tmp = path.with_suffix(".pt.tmp")
+        with tmp.open("wb") as f:
+            torch.save(self._checkpoint_state(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def _load_checkpoint(self, path: Path) -> None:
+        import random
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem to the user
+            raise FedshiftError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
+        if state.get("scenario") != self.scenario_text:
+            raise FedshiftError(f"{str(path)!r} belongs to another scenario than {path.parent / 'scenario.yaml'}")
+        self.world.model.load_state_dict(state["model"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.client_states, self.trainer_broadcast = state["client_states"], state["trainer_broadcast"]
+        self.rows, self.failures = list(state["rows"]), list(state["failures"])
+        self.start_round = int(state["round"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+
+    def request_stop(self) -> None:
+        """Stop after the round in progress, with a checkpoint (what Ctrl-C and SIGTERM do)."""
+        self._stop.set()
 
     # ------------------------------------------------------------------ Flower plumbing
     def backend_config(self) -> dict[str, Any]:
@@ -135,7 +231,10 @@ class Simulation:
             init_args["address"] = b.ray_address
         else:
             init_args["num_cpus"] = b.ray_num_cpus or os.cpu_count() or 1
-        return {"client_resources": {"num_cpus": b.num_cpus, "num_gpus": num_gpus}, "init_args": init_args}
+        # Flower hands client_resources to ray's actor.options(): max_restarts brings a crashed client
+        # process back (its clients of that round fail and are counted), instead of a pool that shrinks to zero
+        resources = {"num_cpus": b.num_cpus, "num_gpus": num_gpus, "max_restarts": -1}
+        return {"client_resources": resources, "init_args": init_args}
 
     def run(self) -> RunResult:
         from flwr.serverapp import Grid, ServerApp
@@ -165,7 +264,7 @@ class Simulation:
         old_level = flwr_logger.level
         flwr_logger.setLevel(logging.ERROR)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _stop_on_signals(self._stop):
                 warnings.simplefilter("ignore")
                 run_simulation(server_app=server_app, client_app=client_app,
                                num_supernodes=self.num_tasks, backend_config=self.backend_config())
@@ -176,6 +275,8 @@ class Simulation:
             flwr_logger.setLevel(old_level)
         if self._error is not None:
             raise self._error
+        if self._stop.is_set() and len(self.rows) < self.scenario.rounds:
+            raise Interrupted(self.out_dir, len(self.rows))
         if len(self.rows) < self.scenario.rounds:
             raise RuntimeError(f"the simulation stopped after {len(self.rows)} of {self.scenario.rounds} rounds")
         summary = self._finish(time.perf_counter() - t0)
@@ -211,9 +312,11 @@ class Simulation:
 
         flower_patches.tune_grid(grid)
         nodes = self._wait_for_nodes(grid)
+        self._warm_up(grid, nodes)
         self.startup_s = time.perf_counter() - self._t_start
         fed = self.world.federation
-        for t in range(self.scenario.rounds):
+        every = self.scenario.output.checkpoint_every
+        for t in range(self.start_round, self.scenario.rounds):
             t_round = time.perf_counter()
             cohort = [ClientSpec(cid, mode) for cid, mode in self.sampler.cohort(t)]
             instructions = self.strategy.configure_train(t, cohort)
@@ -232,7 +335,8 @@ class Simulation:
                                             self.scenario_text, self.trainer_broadcast)
                 messages.append(Message(content, dst_node_id=node, message_type="train"))
                 by_node[node] = pack
-            replies = self._collect(grid.send_and_receive(messages), by_node)
+            replies = self._collect(grid.send_and_receive(messages, timeout=self.scenario.faults.time_limit_s),
+                                    by_node, t)
             row: dict[str, Any] = {"round": t}
             for k, (m, w) in enumerate(zip(fed.mode_names, self.sampler.schedule.weights(t))):
                 row[f"q/{m}"] = float(w)
@@ -240,15 +344,36 @@ class Simulation:
             row.update(self.strategy.aggregate_train(t, replies))
             self.trainer_broadcast = self.world.trainer.aggregate_stats(
                 t, [(r.num_examples, r.mode, r.trainer_stats) for r in replies if r.error is None])
-            row["clients/failed"] = sum(1 for r in replies if r.error is not None) + row.get("clients/nonfinite", 0)
+            reasons = [failure_reason(r.error) for r in replies if r.error is not None]
+            for reason in FAILURE_REASONS:
+                row[f"clients/failed/{reason}"] = reasons.count(reason)
+            row["clients/failed/nonfinite"] = int(row.get("clients/nonfinite", 0))
+            row["clients/failed"] = len(reasons) + row["clients/failed/nonfinite"]
             if (t + 1) % self.scenario.eval.every == 0 or t == self.scenario.rounds - 1:
                 row.update(self.strategy.evaluate(self.test_sets, self.scenario.eval.batch_size))
             row["time/round_s"] = time.perf_counter() - t_round
             self.rows.append(row)
             for cb in self.callbacks:
                 cb.on_round_end(row)
+            stopping = self._stop.is_set()
+            if stopping or (every and (t + 1) % every == 0 and t + 1 < self.scenario.rounds):
+                self.write_checkpoint()
+            if stopping:
+                log.warning("stopping after round %d: checkpoint written to %s", t, self.out_dir / CHECKPOINT)
+                return
 
-    def _collect(self, reply_msgs, by_node: dict[int, list[ClientInstruction]]) -> list[ClientReply]:
+    def _warm_up(self, grid, nodes: list[int]) -> None:
+        """One query per supernode: every client process starts and builds its World before round 0."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        messages = [Message(RecordDict({"config": ConfigRecord({SCENARIO: self.scenario_text})}),
+                            dst_node_id=node, message_type="query") for node in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=WARM_UP_S))
+        errors = [r.error.reason for r in replies if r.has_error()]
+        if errors or len(replies) < len(nodes):
+            raise RuntimeError(f"the client processes could not start: {errors[0] if errors else 'no reply in time'}")
+
+    def _collect(self, reply_msgs, by_node: dict[int, list[ClientInstruction]], t: int) -> list[ClientReply]:
         """One ClientReply per instruction, in instruction order; failures carry their reason."""
         mode_of = self.world.federation.client_mode
         replies: dict[int, ClientReply] = {}
@@ -259,17 +384,18 @@ class Simulation:
                     r = UnpackedReply(f"Flower error {msg.error.code}: {msg.error.reason}")
                 else:
                     r = unpack_reply(msg.content, i)
-                replies[ins.cid] = self._reply(ins.cid, int(mode_of[ins.cid]), r)
+                replies[ins.cid] = self._reply(ins.cid, int(mode_of[ins.cid]), r, t)
         ordered = [ins for pack in by_node.values() for ins in pack]
-        for ins in ordered:  # no reply at all (timeout, lost worker)
+        for ins in ordered:  # no reply at all (time limit, lost message)
             if ins.cid not in replies:
-                replies[ins.cid] = self._reply(ins.cid, int(mode_of[ins.cid]), UnpackedReply("no reply"))
+                replies[ins.cid] = self._reply(ins.cid, int(mode_of[ins.cid]), UnpackedReply("no reply"), t)
         return [replies[ins.cid] for ins in ordered]
 
-    def _reply(self, cid: int, mode: int, r) -> ClientReply:
+    def _reply(self, cid: int, mode: int, r: UnpackedReply, t: int) -> ClientReply:
         if r.error is not None:
-            self.failures.append({"cid": cid, "error": r.error.splitlines()[0]})
-            log.warning("client %d failed: %s", cid, r.error)
+            self.failures.append({"round": t, "cid": cid, "reason": failure_reason(r.error),
+                                  "error": r.error.splitlines()[0]})
+            log.info("client %d failed in round %d: %s", cid, t, r.error)
             return ClientReply(cid, mode, 0, {}, {}, {}, r.error)
         self.client_states[cid] = r.state
         return ClientReply(cid, mode, r.num_examples, r.arrays, r.metrics, r.stats, None, r.trainer_stats)
@@ -290,6 +416,9 @@ class Simulation:
             "final": {k: v for k, v in last_eval.items() if k.startswith("eval/")},
             "final_period": final_period_means(self.rows, self.scenario.shift.period),
             "clients_failed": int(sum(r.get("clients/failed", 0) for r in self.rows)),
+            "failures_by_reason": {reason: int(sum(r.get(f"clients/failed/{reason}", 0) for r in self.rows))
+                                   for reason in FAILURE_REASONS},
+            "resumed_at_round": self.start_round or None,
             "wall_time_s": wall_s,
             "build_s": self.build_s,
             "startup_s": getattr(self, "startup_s", float("nan")),
@@ -298,9 +427,35 @@ class Simulation:
             "versions": versions(),
         }
         write_json(self.out_dir / "summary.json", summary)
+        if self.failures:
+            write_json(self.out_dir / "failures.json", {"failures": self.failures})
         for cb in self.callbacks:
             cb.on_run_end(summary)
         return summary
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event):
+    """While a run is in progress, the first Ctrl-C or SIGTERM asks it to stop at the next round boundary
+    (with a checkpoint); a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log.warning("stopping after the round in progress (press Ctrl-C again to abort at once)")
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def run_scenario(scenario: Scenario, out: str | Path | None = None, callbacks: Sequence[Callback] = ()) -> RunResult:

@@ -131,7 +131,7 @@ def unpack_reply(content: RecordDict, i: int) -> UnpackedReply:
     if f"error.{i}" in content.config_records:
         return UnpackedReply(str(content.config_records[f"error.{i}"]["reason"]))
     if f"metrics.{i}" not in content.metric_records:
-        return UnpackedReply("the reply holds no result for this client")
+        return UnpackedReply("dropped out")  # the worker sent nothing for this client
     metrics = dict(content.metric_records[f"metrics.{i}"])
     n = int(metrics.pop("num-examples"))
     return UnpackedReply(None, n, record_to_arrays(content.array_records.get(f"arrays.{i}")),

@@ -18,6 +18,7 @@ import torch
 from ..clients.base import CLIENT_STRATEGIES, ClientData, ClientTrainer
 from ..config import Scenario, parse_yaml, validate_scenario
 from ..errors import ScenarioError
+from ..faults import act_after, act_before, draw_fault
 from ..data import Federation, build_federation
 from ..models import MultiBranchNet, build_model
 from ..shift import SCHEDULES, ModeSchedule, TraceSchedule
@@ -116,6 +117,18 @@ class World:
                    torch.from_numpy(fed.train_x).to(device), torch.from_numpy(fed.train_y).to(device),
                    torch.from_numpy(fed.train_mode).to(device))
 
+    def warm_up(self) -> None:
+        """Pay first-use costs (autograd, kernel selection) before round 0: one forward and backward pass
+        on a few training examples, gradients cleared again. The weights do not change."""
+        out = self.model(self.x[:2])
+        out.logits.sum().backward()
+        self.model.zero_grad(set_to_none=True)
+        # an optimizer's first step imports torch's compiler machinery (seconds): take it on a throwaway tensor
+        dummy = torch.zeros(1, device=self.device, requires_grad=True)
+        dummy.grad = torch.ones_like(dummy)
+        for opt in (torch.optim.SGD([dummy], lr=0.1), torch.optim.Adam([dummy], lr=0.1)):
+            opt.step()
+
     def client_data(self, cid: int) -> ClientData:
         sl = self.federation.client_slice(cid)
         return ClientData(self.x[sl], self.y[sl], self.domain[sl], self.federation.num_classes)
@@ -140,7 +153,11 @@ class World:
                         data=self.client_data(cid), trainer=self.trainer, config=instruction.config,
                         device=self.device, state=state, generator=gen,
                         trainer_server={k: v.to(self.device) for k, v in (trainer_server or {}).items()})
-        return self.strategy.client_update(job), job.trainer_stats
+        fault = draw_fault(self.scenario.faults, self.scenario.seed, server_round, cid)
+        act_before(fault, self.scenario.faults)
+        result = self.strategy.client_update(job)
+        result.arrays = act_after(fault, result.arrays)
+        return result, job.trainer_stats
 
 
 _WORLDS: OrderedDict[str, World] = OrderedDict()
