@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -26,6 +27,7 @@ from fedshift.data.federation import UNLABELLED
 from fedshift.registry import Registry
 
 if TYPE_CHECKING:
+    from fedshift.config import Scenario
     from fedshift.models import ModelOutput, MultiBranchNet
 
 CLIENT_STRATEGIES: Registry[type[ClientTrainer]] = Registry("client strategy")
@@ -49,6 +51,11 @@ class ClientData:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @cached_property
+    def domains(self) -> list[int]:
+        """The modes this client's examples come from, sorted (one mode on a single-mode client)."""
+        return [int(d) for d in torch.unique(self.domain).tolist()]
 
     def batches(self, batch_size: int, generator: torch.Generator, shuffle: bool = True) -> Iterator[Batch]:
         n = len(self.y)
@@ -129,9 +136,15 @@ class ClientTrainer:
         self.params = params
         self.settings = settings
 
+    @classmethod
+    def check_scenario(cls, params: ComponentParams, scenario: Scenario) -> list[tuple[str, str]]:
+        """Problems of this strategy in this scenario, as (key path, message) pairs reported at validation
+        time (e.g. a method that needs several domains per client when ``data.mix`` is 0); empty if none."""
+        return []
+
     def train(self, ctx: TrainContext) -> dict[str, float]:
         """Local training for one round: ``update`` on every batch of every local epoch."""
-        ctx.model.train()
+        self.train_mode(ctx)
         ctx.optimizer = ctx.make_optimizer()
         totals: dict[str, torch.Tensor] = {}
         steps = 0
@@ -147,6 +160,11 @@ class ClientTrainer:
                 continue
             break
         return {k: float(v) / max(steps, 1) for k, v in totals.items()} | {"steps": float(steps)}
+
+    def train_mode(self, ctx: TrainContext) -> None:
+        """Put the model in training mode before local training. Override to keep frozen parts in eval mode
+        (a frozen trunk's dropout, BatchNorm statistics that must not change)."""
+        ctx.model.train()
 
     def update(self, batch: Batch, ctx: TrainContext) -> dict[str, torch.Tensor | float]:
         """One optimizer step on one batch; returns metrics such as ``{"loss": ...}`` (tensors are fine)."""

@@ -230,7 +230,9 @@ class Simulation:
         if b.ray_address:
             init_args["address"] = b.ray_address
         else:
-            init_args["num_cpus"] = b.ray_num_cpus or os.cpu_count() or 1
+            # "local" starts a fresh Ray instance: a plain ray.init() would join any cluster that `ray start`
+            # left on this machine (/tmp/ray/ray_current_cluster) and then refuse num_cpus
+            init_args.update(address="local", num_cpus=b.ray_num_cpus or os.cpu_count() or 1)
         # Flower hands client_resources to ray's actor.options(): max_restarts brings a crashed client
         # process back (its clients of that round fail and are counted), instead of a pool that shrinks to zero
         resources = {"num_cpus": b.num_cpus, "num_gpus": num_gpus, "max_restarts": -1}
