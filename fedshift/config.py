@@ -179,7 +179,7 @@ class Scenario(StrictModel):
         return DatasetSpec(name=ref) if isinstance(ref, str) else ref
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="python")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
