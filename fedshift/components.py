@@ -22,6 +22,7 @@ def registries() -> dict[str, Registry]:
     from fedshift.clients import CLIENT_STRATEGIES
     from fedshift.strategies import STRATEGIES
 
+    from . import lm  # noqa: F401  (registers so_lstm)
     from .data.sources import DATASETS
     from .models import ARCHITECTURES
     from .shift import SCHEDULES

@@ -256,12 +256,7 @@ class Simulation:
                 self._error = exc
                 raise
 
-        t0 = time.perf_counter()
-        self._t_start = t0
-        info = RunInfo(self.scenario, self.out_dir, self.world.federation.mode_names,
-                       [int(len(p)) for p in self.world.federation.pools()])
-        for cb in self.callbacks:
-            cb.on_run_start(info)
+        self._start()
         flwr_logger = logging.getLogger("flwr")
         old_level = flwr_logger.level
         flwr_logger.setLevel(logging.ERROR)
@@ -277,11 +272,29 @@ class Simulation:
             flwr_logger.setLevel(old_level)
         if self._error is not None:
             raise self._error
+        return self._result()
+
+    def serve(self, grid) -> RunResult:
+        """The whole run over a Flower grid whose supernodes someone else started (``flwr run``'s
+        ServerApp, fedshift/flwr_app.py). ``run()`` is the same start, loop and result around its own
+        ``run_simulation``."""
+        self._start()
+        self._loop(grid)
+        return self._result()
+
+    def _start(self) -> None:
+        self._t_start = time.perf_counter()
+        info = RunInfo(self.scenario, self.out_dir, self.world.federation.mode_names,
+                       [int(len(p)) for p in self.world.federation.pools()])
+        for cb in self.callbacks:
+            cb.on_run_start(info)
+
+    def _result(self) -> RunResult:
         if self._stop.is_set() and len(self.rows) < self.scenario.rounds:
             raise Interrupted(self.out_dir, len(self.rows))
         if len(self.rows) < self.scenario.rounds:
             raise RuntimeError(f"the simulation stopped after {len(self.rows)} of {self.scenario.rounds} rounds")
-        summary = self._finish(time.perf_counter() - t0)
+        summary = self._finish(time.perf_counter() - self._t_start)
         return RunResult(self.out_dir, self.rows, summary)
 
     @property
