@@ -1,6 +1,7 @@
 """Datasets, modes and partitions."""
 
 from . import hf  # noqa: F401  (registers the hub datasets: emnist, cifar10, cifar100)
+from . import stackoverflow  # noqa: F401  (registers stackoverflow)
 from .federation import Federation, build_federation
 from .sources import DATASETS, DatasetSource, SourceData
 
