@@ -8,6 +8,7 @@ runs flwr's own ``FedAvg.start`` with ``fraction_train = clients_per_round / cli
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -95,6 +96,12 @@ def run(scenario) -> tuple[list[float], float, list[float]]:
                        train_config=ConfigRecord({"scenario": text}), evaluate_fn=timestamp)
 
     backend = Simulation.backend_config_of(scenario)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.WARNING)  # flwr's per-round INFO lines would bury the table
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend)
+    finally:
+        flwr_logger.setLevel(level)
     rounds = [b - a for a, b in zip(stamps, stamps[1:])]
     return rounds, stamps[1] - t0, driver_mb[1:]
