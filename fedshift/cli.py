@@ -1,4 +1,4 @@
-"""The ``fedshift`` command line: run, validate, list."""
+"""The ``fedshift`` command line: run, validate, compare, report, bench, list."""
 
 from __future__ import annotations
 
@@ -163,6 +163,108 @@ def bench(
         run_bench(workload, rounds, str(json_file) if json_file else None, skip or [], set_ or [], out_console)
     except FedshiftError as exc:
         _fail(exc)
+
+
+@app.command()
+def compare(
+    scenario: Annotated[Optional[str], typer.Argument(help="scenario file or built-in name (default: 'default')")] = None,
+    strategies: Annotated[Optional[str], typer.Option("--strategies", help="server strategies, comma-separated (default: the scenario's)")] = None,
+    client_strategies: Annotated[Optional[str], typer.Option("--client-strategies", help="client training strategies, comma-separated (default: the scenario's)")] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="seeds, comma-separated, e.g. 0,1,2 (default: the scenario's)")] = None,
+    sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help="one more axis: key.path=value1,value2 (repeatable)")] = None,
+    set_: SetOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="grid directory (default: <output.dir>/compare-<name>-<time>); re-run into it to finish an interrupted grid")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, help="cells at once, each in its own process with cores/N CPUs for Ray")] = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Run a scenario over strategies x client strategies x seeds: one run directory per cell, results.csv
+    with each cell's final-period accuracy per mode, and a table of mean +- std over seeds.
+
+    Every cell is validated before anything runs (exit code 2 with the key path). Exit code 1 if a cell failed."""
+    from .compare import accuracy_columns, group_stats, parse_seeds, parse_sweeps, plan_grid, run_grid, split_list
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    try:
+        plan = plan_grid(scenario, split_list(strategies, "--strategies") if strategies else None,
+                         split_list(client_strategies, "--client-strategies") if client_strategies else None,
+                         parse_seeds(seeds) if seeds else None, set_ or [], parse_sweeps(sweep or []), out, parallel)
+    except FedshiftError as exc:
+        _fail(exc)
+    n = len(plan.cells)
+    counts = {a: sum(1 for c in plan.cells if plan.action[c] == a) for a in ("run", "resume", "reuse")}
+    console.print(f"[bold]{n} cells[/] into {plan.out_dir}: {counts['run']} to run"
+                  + (f", {counts['resume']} to resume" if counts["resume"] else "")
+                  + (f", {counts['reuse']} finished already" if counts["reuse"] else "")
+                  + (f"; {parallel} at a time" if parallel > 1 else ""), highlight=False, soft_wrap=True)
+    for note in plan.notes:
+        console.print(f"[dim]note: {escape(note)}[/]", highlight=False, soft_wrap=True)
+    modes = plan.modes
+
+    def on_start(cell, i: int) -> None:
+        console.print(f"[{i + 1}/{n}] {cell.name} ...", highlight=False, markup=False, soft_wrap=True)
+
+    def on_done(result, i: int) -> None:
+        if result.status == "ok":
+            fp = result.summary.get("final_period", {})
+            acc = " ".join(f"{m} {fp[f'eval/{m}/accuracy']:.3f}" for m in [*modes, "all"] if f"eval/{m}/accuracy" in fp)
+            console.print(f"[{i + 1}/{n}] [green]{escape(result.cell.name)}[/] {acc} "
+                          f"({result.summary.get('wall_time_s', float('nan')):.1f} s)", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"[{i + 1}/{n}] [red]{escape(result.cell.name)} {result.status}:[/] {escape(result.error)}",
+                          highlight=False, soft_wrap=True)
+
+    def progress(cell, sc) -> list:
+        return [] if quiet else [_TransientProgress(sc.rounds, sc.mode_names)]
+
+    results = run_grid(plan, parallel, on_start, on_done, progress)
+    table = Table(title=f"{plan.source}: final-period accuracy, mean ± std over seeds")
+    table.add_column("strategy")
+    table.add_column("client strategy")
+    for key in plan.sweep_keys:
+        table.add_column(key)
+    table.add_column("seeds", justify="right")
+    for m in [*modes, "all"]:
+        table.add_column(m, justify="right")
+    for g in group_stats(plan, results):
+        cells = []
+        for col in accuracy_columns(modes):
+            mean, std = g[col]
+            cells.append("-" if math.isnan(mean) else f"{mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}"))
+        table.add_row(g["strategy"], g["client_strategy"], *[str(g["sweep"][k]) for k in plan.sweep_keys],
+                      f"{g['n']}/{g['seeds']}", *cells)
+    table.caption = f"per cell: {plan.out_dir / 'results.csv'}\nplots: fedshift report {plan.out_dir}"
+    out_console.print(table)
+    statuses = {r.status for r in results}
+    if "interrupted" in statuses or "not run" in statuses:
+        console.print(f"[yellow]interrupted[/]; run the same command again to finish the grid in {plan.out_dir}",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
+    if "failed" in statuses:
+        raise typer.Exit(1)
+
+
+class _TransientProgress(ProgressDisplay):
+    """The run's progress bar, cleared when the run ends (compare prints one line per cell instead)."""
+
+    def __init__(self, rounds: int, modes: list[str]):
+        super().__init__(rounds, modes)
+        self.progress.live.transient = True
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories, or directories of runs (a compare grid)")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="report directory (default: RUN_DIR/report for one argument, else report-<time>)")] = None,
+) -> None:
+    """PNG plots (accuracy per mode against q(t), cohort composition, multi-branch assignment) and report.md
+    with the final-period table; several runs are overlaid, seeds of one setting averaged."""
+    from .report import make_report
+
+    try:
+        path = make_report(run_dirs, out)
+    except FedshiftError as exc:
+        _fail(exc)
+    out_console.print(f"report: {path} (plots beside it)", highlight=False)
 
 
 @app.command("list")

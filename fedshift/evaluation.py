@@ -11,6 +11,9 @@ mode: each group majority-votes one branch). Reported per mode and for ``all``:
 - ``accuracy_per_example``: every example scored by its own branch;
 - ``branch_accuracy``, ``branch_accuracy_per_example``: share of examples sent to the branch that belongs
   to their mode (branch k <-> mode k, the k-th mode of the scenario).
+
+Accuracy and loss count labelled targets (label -1 is skipped), so sequence models (logits [B, K, C, T],
+labels [B, T]) are scored per token; task-specific exclusions such as OOV tokens are not made here.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .data.federation import UNLABELLED
 from .models import ModelOutput, MultiBranchNet
 
 BranchSelector = Callable[[ModelOutput], "torch.Tensor | None"]
@@ -61,7 +65,7 @@ def evaluate_routed(model_of_mode: Callable[[int], MultiBranchNet],
                     batch_size: int) -> dict[str, float]:
     """Evaluate mode k's test set (k-th of ``test_sets``) with ``model_of_mode(k)`` and ``route``."""
     out: dict[str, float] = {}
-    keys = ("correct", "loss", "n", "correct_example", "branch", "branch_example")
+    keys = ("correct", "loss", "n", "correct_example", "branch", "branch_example", "examples")
     total = dict.fromkeys(keys, 0.0)
     routed_any = False
     for k, (mode, (x, y)) in enumerate(test_sets.items()):
@@ -74,21 +78,24 @@ def evaluate_routed(model_of_mode: Callable[[int], MultiBranchNet],
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
             output = model(xb)
             idx = torch.arange(len(yb), device=yb.device)
+            labelled = yb != UNLABELLED
             choice = route(output, yb, k)
             if choice is None:
-                branch = torch.zeros_like(yb)
+                branch = torch.zeros(len(yb), dtype=torch.long, device=yb.device)
             else:
                 routed = True
                 per_example, group = choice
                 per_example = per_example.to(yb.device)
-                sums["correct_example"] += float((output.logits[idx, per_example].argmax(1) == yb).sum())
+                hit = output.logits[idx, per_example].argmax(1) == yb
+                sums["correct_example"] += float((hit & labelled).sum())
                 sums["branch_example"] += float((per_example == k).sum())
                 sums["branch"] += float(len(yb)) if group == k else 0.0
-                branch = torch.full_like(yb, group)
+                branch = torch.full((len(yb),), group, dtype=torch.long, device=yb.device)
             logits = output.logits[idx, branch]
-            sums["correct"] += float((logits.argmax(1) == yb).sum())
-            sums["loss"] += float(F.cross_entropy(logits, yb, reduction="sum"))
-            sums["n"] += len(yb)
+            sums["correct"] += float(((logits.argmax(1) == yb) & labelled).sum())
+            sums["loss"] += float(F.cross_entropy(logits, yb, reduction="sum", ignore_index=UNLABELLED))
+            sums["n"] += float(labelled.sum())
+            sums["examples"] += len(yb)
         model.train(was_training)
         _write(out, mode, sums, routed)
         routed_any = routed_any or routed
@@ -98,10 +105,10 @@ def evaluate_routed(model_of_mode: Callable[[int], MultiBranchNet],
 
 
 def _write(out: dict[str, float], name: str, sums: dict[str, float], routed: bool) -> None:
-    n = max(sums["n"], 1)
+    n, examples = max(sums["n"], 1), max(sums["examples"], 1)
     out[f"eval/{name}/accuracy"] = sums["correct"] / n
     out[f"eval/{name}/loss"] = sums["loss"] / n
     if routed:
         out[f"eval/{name}/accuracy_per_example"] = sums["correct_example"] / n
-        out[f"eval/{name}/branch_accuracy"] = sums["branch"] / n
-        out[f"eval/{name}/branch_accuracy_per_example"] = sums["branch_example"] / n
+        out[f"eval/{name}/branch_accuracy"] = sums["branch"] / examples
+        out[f"eval/{name}/branch_accuracy_per_example"] = sums["branch_example"] / examples

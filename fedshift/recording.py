@@ -65,13 +65,43 @@ def _cells(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class TensorBoard(Callback):
-    """The same scalars as metrics.csv, in tensorboard/ (step = round), plus the scenario as text."""
+    """The same scalars as metrics.csv, in tensorboard/ (step = round), plus the scenario as text and, when
+    the run ends, its main keys as hparams with the final-period metrics (TensorBoard's HParams tab).
+
+    The hparams go into this run's own event file, not through ``SummaryWriter.add_hparams``, which writes
+    them to a separate sub-run and so splits one run in two in TensorBoard's run list."""
+
+    HPARAM_SECTIONS = ("strategy", "client", "model", "data", "shift")
 
     def __init__(self, logdir: Path, scenario_yaml: str):
+        import yaml
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(logdir))
         self.writer.add_text("scenario", "```\n" + scenario_yaml + "\n```", 0)
+        self.hparams = self.scenario_hparams(yaml.safe_load(scenario_yaml) or {})
+
+    @classmethod
+    def scenario_hparams(cls, scenario: dict[str, Any]) -> dict[str, Any]:
+        """name, seed, rounds, clients_per_round, the mode names, eval.every, and every scalar of the
+        strategy, client, model, data and shift sections, flattened (``client.lr``); lists as text."""
+        out: dict[str, Any] = {k: scenario[k] for k in ("name", "seed", "rounds", "clients_per_round") if k in scenario}
+        out["modes"] = ",".join(scenario.get("modes") or {})
+        if isinstance(scenario.get("eval"), dict) and "every" in scenario["eval"]:
+            out["eval.every"] = scenario["eval"]["every"]
+
+        def walk(value: Any, key: str) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(v, f"{key}.{k}")
+            elif isinstance(value, list):
+                out[key] = json.dumps(value)
+            elif isinstance(value, (bool, int, float, str)):
+                out[key] = value
+
+        for section in cls.HPARAM_SECTIONS:
+            walk(scenario.get(section), section)
+        return out
 
     def on_round_end(self, row: dict[str, Any]) -> None:
         step = int(row["round"])
@@ -80,6 +110,14 @@ class TensorBoard(Callback):
                 self.writer.add_scalar(k, v, step)
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        step = max(0, int(summary.get("rounds", 1)) - 1)
+        metrics = {f"final_period/{k}": float(v) for k, v in summary.get("final_period", {}).items()}
+        for k, v in metrics.items():  # the HParams tab reads each metric from the run's scalar of that tag
+            self.writer.add_scalar(k, v, step)
+        for proto in hparams(self.hparams, metrics):  # what add_hparams writes, into this run's own file
+            self.writer.file_writer.add_summary(proto, step)
         self.writer.flush()
         self.writer.close()
 

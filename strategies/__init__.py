@@ -3,6 +3,11 @@
 from .base import (STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec,
                    ServerStrategy, StrategyParams, StrategySetup)
 from .fedavg import FedAvg
+from .fedtem import FedTEM
+from .fedtkm import FedTKM
+from .ifca import IFCA
+from .oracle import Oracle
+from .pluralistic import Pluralistic
 
-__all__ = ["STRATEGIES", "ClientInstruction", "ClientJob", "ClientReply", "ClientResult", "ClientSpec", "FedAvg",
-           "ServerStrategy", "StrategyParams", "StrategySetup"]
+__all__ = ["IFCA", "STRATEGIES", "ClientInstruction", "ClientJob", "ClientReply", "ClientResult", "ClientSpec", "FedAvg",
+           "FedTEM", "FedTKM", "Oracle", "Pluralistic", "ServerStrategy", "StrategyParams", "StrategySetup"]

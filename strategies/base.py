@@ -91,6 +91,7 @@ class ClientJob:
     generator: torch.Generator       # seeded by (scenario seed, round, client)
     trainer_server: dict[str, torch.Tensor] = field(default_factory=dict)  # the trainer's broadcast
     trainer_stats: dict[str, torch.Tensor] = field(default_factory=dict)   # filled by train(), sent back
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # sent arrays that are not model parameters
 
     def train(self, task: TrainTask) -> dict[str, float]:
         """Run the scenario's client training strategy on this client's data for the given task."""

@@ -94,8 +94,9 @@ class StopAt(Callback):
 
 @pytest.mark.e2e
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    over = ["rounds=5", *FAST, "output.checkpoint_every=2", "strategy.server_optimizer.name=adam",
-            "strategy.server_optimizer.lr=0.05", "faults.nan=0.1"]
+    # fedtkm: centers, the prior scalar and Adam's moments must all survive the checkpoint
+    over = ["rounds=5", *FAST, "output.checkpoint_every=2", "strategy.name=fedtkm",
+            "strategy.server_optimizer.name=adam", "strategy.server_optimizer.lr=0.05", "faults.nan=0.1"]
     full = run_scenario(load_scenario("default", over), out=tmp_path / "full")
     sim = Simulation(load_scenario("default", over), out=tmp_path / "cut")
     sim.callbacks.append(StopAt(sim, 2))

@@ -126,7 +126,7 @@ class Simulation:
         self.sampler = ModeSampler(self.world.strategy.setup.schedule, fed.pools(), scenario.clients_per_round, scenario.seed)
         self.strategy = self.world.strategy
         self.strategy.initialize(self.world.model)
-        self.device = resolve_device(scenario, on_worker=False)
+        self.device = resolve_device(scenario)
         self.test_sets = {m: (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device))
                           for m, (x, y) in fed.test.items()}
         self.scenario_text = scenario.to_yaml()

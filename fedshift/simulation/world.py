@@ -28,12 +28,11 @@ CLIENT_STREAM = 3  # random stream of the scenario seed for client-side training
 MODEL_INIT_STREAM = 4
 
 
-def resolve_device(scenario: Scenario, on_worker: bool) -> torch.device:
+def resolve_device(scenario: Scenario) -> torch.device:
     want = scenario.backend.device
     if want == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    if on_worker and scenario.backend.num_gpus == 0 and want == "auto":
-        return torch.device("cpu")
+    # clients too: with num_gpus 0 the engine shares the GPU among the client slots (backend_config_of)
     return torch.device("cuda")
 
 
@@ -110,7 +109,7 @@ class World:
     @classmethod
     def build(cls, scenario: Scenario, on_worker: bool = True) -> World:
         fed = build_federation(scenario)
-        device = resolve_device(scenario, on_worker)
+        device = resolve_device(scenario)
         trainer = build_trainer(scenario)
         model = initial_model(scenario, fed, trainer).to(device)
         return cls(scenario, fed, model, build_strategy(scenario, fed.num_classes), trainer, device,
