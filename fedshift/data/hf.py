@@ -39,6 +39,15 @@ SUBSET_STREAM = 10  # sub-streams of DATA_STREAM used here: the max_examples dra
 HOLDOUT_STREAM = 11
 
 
+
+def whole_groups_under_cap(groups: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Rows of whole groups (writers, users), drawn in a seeded random order until ``cap`` rows are reached
+    (at least one group), so a capped dataset keeps natural clients intact."""
+    sizes = np.bincount(groups)
+    order = np.random.default_rng([seed, DATA_STREAM, SUBSET_STREAM]).permutation(len(sizes))
+    kept = order[: max(1, int(np.searchsorted(np.cumsum(sizes[order]), cap, side="right")))]
+    return np.flatnonzero(np.isin(groups, kept))
+
 class HubParams(ComponentParams):
     path: str | None = Field(None, description="local folder with the repository's parquet files in the hub's layout "
                                                "(hf download REPO --repo-type dataset --local-dir DIR); "
@@ -259,11 +268,7 @@ class EMNIST(HubImageSource):
         cap = self.params.max_examples
         if cap is None or cap >= table.num_rows:
             return None
-        writers = self.writer_codes(table)
-        sizes = np.bincount(writers)
-        order = np.random.default_rng([seed, DATA_STREAM, SUBSET_STREAM]).permutation(len(sizes))
-        kept = order[: max(1, int(np.searchsorted(np.cumsum(sizes[order]), cap, side="right")))]
-        return np.flatnonzero(np.isin(writers, kept))
+        return whole_groups_under_cap(self.writer_codes(table), cap, seed)
 
     def writer_codes(self, table: Any) -> np.ndarray:
         ids = table.column(self.writer_column).to_numpy(zero_copy_only=False)

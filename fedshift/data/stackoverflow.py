@@ -55,7 +55,7 @@ from pydantic import Field
 
 from ..errors import DatasetUnavailable
 from .federation import UNLABELLED
-from .hf import HOLDOUT_STREAM, SUBSET_STREAM, HubImageSource, HubParams, writer_holdout
+from .hf import HOLDOUT_STREAM, HubImageSource, HubParams, whole_groups_under_cap, writer_holdout
 from .sources import DATA_STREAM, DATASETS, SourceData
 
 
@@ -205,11 +205,7 @@ class StackOverflow(HubImageSource):
         cap = self.params.max_examples
         if cap is None or cap >= table.num_rows:
             return None
-        users = self.user_codes(table)
-        sizes = np.bincount(users)
-        order = np.random.default_rng([seed, DATA_STREAM, SUBSET_STREAM]).permutation(len(sizes))
-        kept = order[: max(1, int(np.searchsorted(np.cumsum(sizes[order]), cap, side="right")))]
-        return np.flatnonzero(np.isin(users, kept))
+        return whole_groups_under_cap(self.user_codes(table), cap, seed)
 
     def vocabulary(self, train_sentences: list[str]) -> list[str]:
         p: StackOverflowParams = self.params  # type: ignore[assignment]
