@@ -20,9 +20,11 @@ import torch
 
 from fedshift.clients import CLIENT_STRATEGIES, ClientData, TrainContext, TrainTask
 from fedshift.config import ClientConfig
+from fedshift import vit  # noqa: F401  (registers vit)
 from fedshift.models import ARCHITECTURES
 
 SHAPE, CLASSES, EXAMPLES, BATCH = (1, 28, 28), 10, 100, 20
+NEEDS_ATTENTION, ATTENTION_MODEL = {"prefix"}, "vit"  # prefix tuning adapts attention layers
 
 
 def stages() -> list[tuple[str, str, int]]:
@@ -54,7 +56,7 @@ class Setup:
         self.settings = ClientConfig(strategy=name, lr=0.05, batch_size=BATCH, local_epochs=1)
         self.trainer = cls(cls.Params(), self.settings)
         torch.manual_seed(0)
-        arch = ARCHITECTURES.get("emnist_cnn")
+        arch = ARCHITECTURES.get(ATTENTION_MODEL if name in NEEDS_ATTENTION else "emnist_cnn")
         self.model = arch.build(SHAPE, CLASSES, 1, None, arch.Params())
         self.trainer.prepare_model(self.model)
         self.model.to(device)

@@ -17,8 +17,9 @@ from .lpft import LPFT
 from .mixup import Mixup
 from .paint import PAINT
 from .peft import AdapterTuning, LoRA
+from .prefix import PrefixTuning
 from .sam import SAM
 
 __all__ = ["CLIENT_STRATEGIES", "ERM", "Batch", "ClientData", "ClientTrainer", "TrainContext", "TrainTask",
            "CORAL", "DANN", "GPM", "IRM", "JTT", "SAM", "Fish", "GradVac", "HessianTrace", "Mixup",
-           "AdapterTuning", "BetaVAE", "EMATeacher", "Head2Toe", "LoRA", "LPFT", "PAINT"]
+           "AdapterTuning", "BetaVAE", "EMATeacher", "Head2Toe", "LoRA", "LPFT", "PAINT", "PrefixTuning"]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from fedshift.augment import ConsistencyViews, jensen_shannon
 from fedshift.config import ClientConfig, ComponentParams
 from fedshift.data.federation import UNLABELLED
 from fedshift.registry import Registry
@@ -38,6 +39,7 @@ class Batch:
     x: torch.Tensor
     y: torch.Tensor
     domain: torch.Tensor  # the mode of each example (its domain, for domain-based methods)
+    consistency: ConsistencyViews | None = None  # augmented views for a consistency loss (augmix with jsd)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ClientData:
     y: torch.Tensor
     domain: torch.Tensor
     num_classes: int
+    augment: Callable[[Batch], Batch] | None = None  # client.augment, applied to training batches only
 
     def __len__(self) -> int:
         return len(self.y)
@@ -62,7 +65,8 @@ class ClientData:
         order = torch.randperm(n, generator=generator).to(self.x.device) if shuffle else torch.arange(n, device=self.x.device)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            yield Batch(self.x[idx], self.y[idx], self.domain[idx])
+            batch = Batch(self.x[idx], self.y[idx], self.domain[idx])
+            yield batch if self.augment is None else self.augment(batch)
 
 
 LossFn = Callable[["ModelOutput", Batch], torch.Tensor]
@@ -102,14 +106,30 @@ class TrainContext:
     optimizer: torch.optim.Optimizer | None = None
     server: dict[str, torch.Tensor] = field(default_factory=dict)  # what aggregate_stats broadcast last round
     stats: dict[str, torch.Tensor] = field(default_factory=dict)   # filled by the strategy, sent to the server
+    loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # extra terms of the last loss(), as metrics
 
     def loss(self, output: ModelOutput, batch: Batch) -> torch.Tensor:
-        """Mean of the task's per-example loss over the labelled examples of the batch (label >= 0)."""
+        """Mean of the task's per-example loss over the labelled examples of the batch (label >= 0), plus the
+        consistency term when the batch carries augmented views (``consistency_loss``)."""
         per_example = self.task.loss(output, batch)
         labelled = batch.y >= 0
         if bool(labelled.all()):
-            return per_example.mean()
-        return (per_example * labelled).sum() / labelled.sum().clamp(min=1)
+            loss = per_example.mean()
+        else:
+            loss = (per_example * labelled).sum() / labelled.sum().clamp(min=1)
+        if batch.consistency is not None:
+            loss = loss + self.consistency_loss(output, batch.consistency)
+        return loss
+
+    def consistency_loss(self, output: ModelOutput, consistency: ConsistencyViews) -> torch.Tensor:
+        """AugMix's ``lam * JS(p_clean, p_aug1, p_aug2)`` on the task's branch, over every example (labels are not
+        needed). ``output`` is the clean batch's; each view is forwarded here, separately (the reference forwards
+        the three in one batch, so its BatchNorm normalises over 3B samples). Recorded as ``loss_terms["jsd"]``."""
+        branch = self.task.branch
+        views = [self.model(v).logits[:, branch] for v in consistency.views]
+        js = jensen_shannon([output.logits[:, branch], *views])
+        self.loss_terms["jsd"] = js.detach()
+        return consistency.weight * js
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         if self.task.trainable is None:
@@ -150,7 +170,9 @@ class ClientTrainer:
         steps = 0
         for _ in range(self.settings.local_epochs):
             for batch in ctx.data.batches(self.settings.batch_size, ctx.generator):
-                for k, v in self.update(batch, ctx).items():
+                ctx.loss_terms.clear()
+                metrics = self.update(batch, ctx)
+                for k, v in {**ctx.loss_terms, **metrics}.items():
                     v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
                     totals[k] = totals.get(k, 0) + v.float()
                 steps += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from pydantic import Field
@@ -30,7 +31,7 @@ def error_set(model: MultiBranchNet, data: ClientData, branch: int, batch_size: 
 def upsample(data: ClientData, errors: torch.Tensor, up_weight: int) -> ClientData:
     """The client's data with ``up_weight`` extra copies of every error example (JTT's reference code)."""
     idx = torch.cat([torch.arange(len(data), device=data.y.device), errors.nonzero().flatten().repeat(up_weight)])
-    return ClientData(data.x[idx], data.y[idx], data.domain[idx], data.num_classes)
+    return dataclasses.replace(data, x=data.x[idx], y=data.y[idx], domain=data.domain[idx])  # keeps data.augment
 
 
 def snapshot(model: MultiBranchNet, prefix: str) -> dict[str, torch.Tensor]:

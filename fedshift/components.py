@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DatasetSpec, Scenario, validate_params
+from .config import ComponentSpec, DatasetSpec, Scenario, validate_params
 from .errors import PluginError, ScenarioError
 from .registry import Registry
 
@@ -22,13 +22,17 @@ def registries() -> dict[str, Registry]:
     from fedshift.clients import CLIENT_STRATEGIES
     from fedshift.strategies import STRATEGIES
 
-    from . import lm  # noqa: F401  (registers so_lstm)
+    from . import lm, vit  # noqa: F401  (register so_lstm, vit)
+    from .adapt import ADAPTATIONS
+    from .augment import AUGMENTATIONS
     from .data.sources import DATASETS
     from .models import ARCHITECTURES
+    from .modules import MODEL_MODULES
     from .shift import SCHEDULES
 
     return {"schedules": SCHEDULES, "datasets": DATASETS, "models": ARCHITECTURES,
-            "strategies": STRATEGIES, "client strategies": CLIENT_STRATEGIES}
+            "strategies": STRATEGIES, "client strategies": CLIENT_STRATEGIES, "model modules": MODEL_MODULES,
+            "augmentations": AUGMENTATIONS, "test-time adaptations": ADAPTATIONS}
 
 
 def _lookup(registry: Registry, name: str, key: str, base: type, problems: list) -> type | None:
@@ -47,12 +51,29 @@ def _lookup(registry: Registry, name: str, key: str, base: type, problems: list)
     return obj
 
 
+def _resolve_spec(registry: Registry, ref, key: str, base: type, problems: list) -> tuple[ComponentSpec, type | None]:
+    """A ``name`` or ``{name: ..., option: value}`` entry, its parameters validated and written back."""
+    spec = ComponentSpec(name=ref) if isinstance(ref, str) else ref
+    cls = _lookup(registry, spec.name, key if isinstance(ref, str) else key + ".name", base, problems)
+    if cls is None:
+        return spec, None
+    values, errs = validate_params(cls.Params, spec.params(), key)
+    problems.extend(errs)
+    if values is None:
+        return spec, None
+    return ComponentSpec(name=spec.name, **values), cls
+
+
 def resolve_components(s: Scenario, base_dir: Path | None) -> list[tuple[str, str]]:
     from fedshift.clients.base import ClientTrainer
     from fedshift.strategies.base import ServerStrategy
 
+    from .adapt import TestTimeAdaptation
+    from .augment import Augmentation
     from .data.sources import DatasetSource
+    from .evaluation import check_scenario as check_evaluation
     from .models import Architecture
+    from .modules import ModelModule
 
     regs = registries()
     problems: list[tuple[str, str]] = []
@@ -123,7 +144,30 @@ def resolve_components(s: Scenario, base_dir: Path | None) -> list[tuple[str, st
         if values is not None:
             s.model = type(s.model)(architecture=s.model.architecture, branches=s.model.branches,
                                     feature_dim=s.model.feature_dim or arch.default_feature_dim,
-                                    pretrained=s.model.pretrained, **values)
+                                    pretrained=s.model.pretrained, modules=s.model.modules,
+                                    padding=s.model.padding, **values)
+    modules = [_resolve_spec(regs["model modules"], ref, f"model.modules.{i}", ModelModule, problems)
+               for i, ref in enumerate(s.model.modules)]
+    s.model.modules = [spec for spec, _ in modules]
+    if arch is not None and not arch.feature_maps:  # what the built model can tell is checked when it is built
+        with_maps = ", ".join(n for n, a in regs["models"] if getattr(a, "feature_maps", False))
+        for i, (spec, cls) in enumerate(modules):
+            if cls is not None:
+                problems.append((f"model.modules.{i}", f"module {spec.name!r} works on convolutional feature maps "
+                                                       f"[B, C, H, W]; architecture {s.model.architecture!r} has "
+                                                       f"none (these have: {with_maps})"))
+        if s.model.padding != "zeros":
+            problems.append(("model.padding", f"{s.model.padding!r} applies to padded convolutions; architecture "
+                                              f"{s.model.architecture!r} has none (these have: {with_maps})"))
+    augments = [_resolve_spec(regs["augmentations"], ref, f"client.augment.{i}", Augmentation, problems)
+                for i, ref in enumerate(s.client.augment)]
+    s.client.augment = [spec for spec, _ in augments]
+    for i, (spec, cls) in enumerate(augments):
+        if cls is not None:  # kornia installed, image-shaped examples where the dataset's options tell
+            problems.extend(cls.check_scenario(cls.Params.model_validate(spec.params()), s, f"client.augment.{i}"))
+    problems.extend(check_evaluation(s))
+    s.eval.adapt, _ = _resolve_spec(regs["test-time adaptations"], s.eval.adapt, "eval.adapt", TestTimeAdaptation,
+                                    problems)
     trainer = _lookup(regs["client strategies"], s.client.strategy, "client.strategy", ClientTrainer, problems)
     if trainer is not None:
         base = {f: getattr(s.client, f) for f in type(s.client).model_fields}

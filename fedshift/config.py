@@ -47,6 +47,15 @@ class DatasetSpec(NamedComponent):
     name: str = "digits"
 
 
+class ComponentSpec(NamedComponent):
+    """A named component in a list (``model.modules``, ``client.augment``, ``eval.adapt``): ``{name: ..., option: value}``."""
+
+    name: str
+
+
+ComponentRef = str | ComponentSpec
+
+
 class ModeConfig(StrictModel):
     """What the clients of one mode hold."""
 
@@ -92,6 +101,10 @@ class ModelConfig(NamedComponent):
     branches: PositiveInt | None = Field(None, description="heads; by default what the strategy needs")
     feature_dim: PositiveInt | None = Field(None, description="width of the feature the heads read; per-model default")
     pretrained: str | None = Field(None, description="start from these weights: a state_dict file, e.g. a run's model.pt")
+    modules: list[ComponentRef] = Field(default_factory=list, description="robustness modules placed in the trunk's "
+                                        "blocks (see Model modules): name or {name: ..., option: value}")
+    padding: Literal["zeros", "reflect", "circular"] = Field(
+        "zeros", description="padding mode of every padded convolution ('Mind the Pad')")
 
 
 class StrategyConfig(NamedComponent):
@@ -107,11 +120,20 @@ class ClientConfig(NamedComponent):
     local_epochs: PositiveInt = Field(1, description="passes over the local data per round")
     batch_size: PositiveInt = Field(20, description="local batch size")
     max_steps: PositiveInt | None = Field(None, description="cap on local optimizer steps per round")
+    augment: list[ComponentRef] = Field(default_factory=list, description="augmentations of every training batch, on "
+                                        "the training device, in order (see Augmentations)")
 
 
 class EvalConfig(StrictModel):
     every: PositiveInt = Field(1, description="evaluate every N rounds (and always after the last)")
     batch_size: PositiveInt = Field(256, description="test batch size (also the vote group size of multi-branch evaluation)")
+    adapt: ComponentRef = Field("none", description="test-time adaptation on each mode's test stream (see Test-time "
+                                "adaptation): none, bn_adapt, tent")
+    ood: list[Literal["msp", "maxlogit"]] = Field(default_factory=list, description="per-branch scores of in-mode vs "
+                                                  "out-of-mode test examples, reported as eval/branch<k>/<score>_auroc "
+                                                  "and _fpr95")
+    select: Literal["strategy", "maxlogit"] = Field("strategy", description="how test examples choose a branch: the "
+                                                    "strategy's own rule, or the branch with the largest max logit")
 
 
 class BackendConfig(StrictModel):
@@ -292,7 +314,7 @@ def validate_scenario(raw: dict[str, Any], base_dir: Path | None = None) -> Scen
 def _clean_loc(loc: tuple) -> list[str]:
     """The key path of a pydantic error without the names of union members (``str``, ``DatasetSpec``...):
     pydantic reports each failed member of a union separately; one message per key path is enough."""
-    return [str(p) for p in loc if str(p) not in ("str", "DatasetSpec", "TransformSpec")
+    return [str(p) for p in loc if str(p) not in ("str", "DatasetSpec", "TransformSpec", "ComponentSpec")
             and not str(p).startswith(("literal[", "function-"))]
 
 

@@ -106,6 +106,9 @@ def render() -> str:
     lines += _params_section("Models (`model.architecture`)", "model", regs["models"])
     lines += _params_section("Server strategies (`strategy.name`)", "strategy", regs["strategies"])
     lines += _params_section("Client training strategies (`client.strategy`)", "client", regs["client strategies"])
+    lines += _params_section("Model modules (`model.modules`)", "model.modules[i]", regs["model modules"])
+    lines += _params_section("Augmentations (`client.augment`)", "client.augment[i]", regs["augmentations"])
+    lines += _params_section("Test-time adaptation (`eval.adapt`)", "eval.adapt", regs["test-time adaptations"])
     lines += ["### Schedules (`shift.schedule`)", ""]
     lines += [f"- **`{name}`**: {first_doc_line(obj)}" for name, obj in regs["schedules"]]
     return "\n".join(lines) + "\n"

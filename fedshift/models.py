@@ -6,13 +6,16 @@ and ``heads.<k>.*`` (branch k), so a server strategy can send a client only the 
 
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
+
+import math
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from .config import ComponentParams
+from .errors import ScenarioError
 from .registry import Registry
 
 ARCHITECTURES: Registry[type[Architecture]] = Registry("model")
@@ -59,6 +62,8 @@ class Architecture:
     name: ClassVar[str] = ""
     Params: ClassVar[type[ComponentParams]] = ComponentParams
     default_feature_dim: ClassVar[int] = 64
+    # the trunk computes convolutional feature maps [B, C, H, W] (where model.modules and model.padding apply)
+    feature_maps: ClassVar[bool] = False
 
     @classmethod
     def build(cls, input_shape: tuple[int, ...], num_classes: int, branches: int, feature_dim: int | None,
@@ -92,10 +97,25 @@ class MLP(Architecture):
         return nn.Sequential(*layers)
 
 
+def norm_layer(kind: str, channels: int, groups: int) -> nn.Module:
+    """``batch`` (BatchNorm2d), ``group`` (GroupNorm with ``groups`` groups, fewer if channels need) or none."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(groups, channels), channels)
+    return nn.Identity()
+
+
+NormKind = Literal["none", "batch", "group"]
+
+
 class CNNParams(ComponentParams):
     channels: list[int] = Field(default_factory=lambda: [32, 64])
-    padding: int = Field(1, ge=0, description="0 is the paper's 'valid' convolutions")
+    pad: int = Field(1, ge=0, description="zero padding of each 3x3 convolution; 0 is the paper's 'valid' convolutions")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before and after the dense feature layer")
+    norm: NormKind = Field("none", description="normalisation after each convolution: none, batch (BatchNorm), "
+                                               "group (GroupNorm)")
+    groups: int = Field(2, ge=1, description="GroupNorm groups (norm: group)")
 
 
 @ARCHITECTURES.register("cnn")
@@ -105,21 +125,27 @@ class CNN(Architecture):
     name = "cnn"
     Params = CNNParams
     default_feature_dim = 128
+    feature_maps = True
 
     @classmethod
     def trunk(cls, input_shape, feature_dim, params):
         c, h, w = input_shape
         layers: list[nn.Module] = []
         for out in params.channels:
-            layers += [nn.Conv2d(c, out, 3, padding=params.padding), nn.ReLU()]
-            c, h, w = out, h + 2 * params.padding - 2, w + 2 * params.padding - 2
+            conv = nn.Conv2d(c, out, 3, padding=params.pad, bias=params.norm == "none")
+            norm = [norm_layer(params.norm, out, params.groups)] if params.norm != "none" else []
+            layers += [conv, *norm, nn.ReLU()]
+            c, h, w = out, h + 2 * params.pad - 2, w + 2 * params.pad - 2
+            if h < 2 or w < 2:
+                raise ValueError(f"model.channels: {len(params.channels)} valid 3x3 convolutions shrink the "
+                                 f"{input_shape[1]}x{input_shape[2]} input to nothing; use fewer or model.pad: 1")
         layers += [nn.MaxPool2d(2), nn.Dropout(params.dropout), nn.Flatten(),
                    nn.Linear(c * (h // 2) * (w // 2), feature_dim), nn.ReLU(), nn.Dropout(params.dropout)]
         return nn.Sequential(*layers)
 
 
 class EMNISTCNNParams(CNNParams):
-    padding: int = Field(0, ge=0)
+    pad: int = Field(0, ge=0, description="zero padding of each 3x3 convolution; 0 is the paper's 'valid' convolutions")
 
 
 @ARCHITECTURES.register("emnist_cnn")
@@ -132,15 +158,15 @@ class EMNISTCNN(CNN):
 
 
 class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, groups: int):
+    def __init__(self, cin: int, cout: int, stride: int, groups: int, norm: str = "group"):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.norm1 = nn.GroupNorm(groups, cout)
+        self.norm1 = norm_layer(norm, cout, groups)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.norm2 = nn.GroupNorm(groups, cout)
+        self.norm2 = norm_layer(norm, cout, groups)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(groups, cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(norm, cout, groups))
 
     def forward(self, x):
         out = torch.relu(self.norm1(self.conv1(x)))
@@ -151,6 +177,8 @@ class ResNetParams(ComponentParams):
     groups: int = Field(2, ge=1, description="GroupNorm groups (the paper uses 2)")
     strides: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], description="stage strides (the paper: all 1)")
     width: int = Field(64, ge=8, description="channels of the first stage (doubled per stage)")
+    norm: Literal["group", "batch"] = Field("group", description="GroupNorm (the paper) or BatchNorm (for BN-Adapt/Tent "
+                                                                 "studies)")
 
 
 @ARCHITECTURES.register("resnet18_gn")
@@ -160,16 +188,19 @@ class ResNet18GN(Architecture):
     name = "resnet18_gn"
     Params = ResNetParams
     default_feature_dim = 512
+    feature_maps = True
 
     @classmethod
     def trunk(cls, input_shape, feature_dim, params):
         c = input_shape[0]
         w = params.width
-        layers: list[nn.Module] = [nn.Conv2d(c, w, 3, 1, 1, bias=False), nn.GroupNorm(params.groups, w), nn.ReLU()]
+        layers: list[nn.Module] = [nn.Conv2d(c, w, 3, 1, 1, bias=False), norm_layer(params.norm, w, params.groups),
+                                   nn.ReLU()]
         cin = w
         for stage, stride in enumerate(params.strides):
             cout = w * 2 ** stage
-            layers += [_BasicBlock(cin, cout, stride, params.groups), _BasicBlock(cout, cout, 1, params.groups)]
+            layers += [_BasicBlock(cin, cout, stride, params.groups, params.norm),
+                       _BasicBlock(cout, cout, 1, params.groups, params.norm)]
             cin = cout
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         if cin != feature_dim:
@@ -178,6 +209,17 @@ class ResNet18GN(Architecture):
 
 
 def build_model(scenario, input_shape: tuple[int, ...], num_classes: int) -> MultiBranchNet:
+    """The scenario's architecture with its padding mode and its ``model.modules`` in place."""
+    from .modules import insert_modules, set_padding_mode
+
     cfg = scenario.model
     arch = ARCHITECTURES.get(cfg.architecture)
-    return arch.build(input_shape, num_classes, cfg.branches, cfg.feature_dim, arch.Params.model_validate(cfg.params()))
+    try:
+        model = arch.build(input_shape, num_classes, cfg.branches, cfg.feature_dim,
+                           arch.Params.model_validate(cfg.params()))
+    except ValueError as exc:
+        raise ScenarioError([("model", f"architecture {cfg.architecture!r} on input {tuple(input_shape)}: {exc}")]) from None
+    if cfg.padding != "zeros":
+        set_padding_mode(model, cfg.padding, cfg.architecture)
+    insert_modules(model, cfg.modules, cfg.architecture)
+    return model

@@ -74,3 +74,4 @@ def load_dotted(path: str, kind: str = "plugin"):
 def first_doc_line(obj: object) -> str:
     doc = (getattr(obj, "__doc__", None) or "").strip()
     return doc.splitlines()[0] if doc else ""
+

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from fedshift.config import ComponentParams
+from fedshift.config import ComponentParams, EvalConfig
 from fedshift.registry import Registry
 
 if TYPE_CHECKING:
@@ -120,6 +120,7 @@ class StrategySetup:
     schedule: ModeSchedule
     seed: int
     rounds: int
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation settings: pass to evaluate_routed
 
 
 class ServerOptimizerConfig(ComponentParams):
@@ -144,6 +145,7 @@ class ServerStrategy:
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[StrategyParams]] = StrategyParams
+    one_model_per_mode: ClassVar[bool] = False  # evaluates each mode with its own model (no OOD scores then)
 
     def __init__(self, params: StrategyParams, setup: StrategySetup | None = None):
         self.params = params
@@ -180,7 +182,8 @@ class ServerStrategy:
         """Centralized evaluation of the global model on each mode's test set (``eval/<mode>/...``)."""
         from fedshift.evaluation import evaluate_modes
 
-        return evaluate_modes(self.global_model(), test_sets, self.select_branches, batch_size)
+        return evaluate_modes(self.global_model(), test_sets, self.select_branches, batch_size,
+                              self.setup.eval if self.setup else None)
 
     def state_dict(self) -> dict[str, Any]:
         """Server state beyond the model weights (optimizer moments, centers, ...), for checkpoints."""

@@ -81,7 +81,7 @@ class IFCA(MultiBranchStrategy):
             return losses.argmin(1), int(losses.sum(0).argmin())
 
         model = self.global_model()
-        return evaluate_routed(lambda mode: model, test_sets, lowest_loss, batch_size)
+        return evaluate_routed(lambda mode: model, test_sets, lowest_loss, batch_size, self.setup.eval)
 
     def client_update(self, job: ClientJob) -> ClientResult:
         branch = int(local_head_losses(job.model, job.data).argmin())

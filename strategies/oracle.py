@@ -53,7 +53,7 @@ class Oracle(MultiBranchStrategy):
             return torch.full((len(labels),), mode, dtype=torch.long, device=labels.device), mode
 
         model = self.global_model()
-        return evaluate_routed(lambda mode: model, test_sets, by_mode, batch_size)
+        return evaluate_routed(lambda mode: model, test_sets, by_mode, batch_size, self.setup.eval)
 
     def client_update(self, job: ClientJob) -> ClientResult:
         p = self.params

@@ -35,6 +35,7 @@ class Pluralistic(ServerStrategy):
     """Pluralistic averaging (Eichner et al., ICML 2019): one model per mode, mode known."""
 
     name = "pluralistic"
+    one_model_per_mode = True
 
     def initialize(self, model) -> None:
         super().initialize(model)
@@ -60,7 +61,8 @@ class Pluralistic(ServerStrategy):
         return self.model_of_mode(0)
 
     def evaluate(self, test_sets, batch_size: int) -> dict[str, float]:
-        return evaluate_routed(self.model_of_mode, test_sets, lambda output, labels, mode: None, batch_size)
+        return evaluate_routed(self.model_of_mode, test_sets, lambda output, labels, mode: None, batch_size,
+                               self.setup.eval)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizers": [opt.state_dict() for opt in self.opts]}

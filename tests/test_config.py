@@ -36,7 +36,7 @@ def test_resolved_scenario_fills_component_defaults():
     ("data.dataset", "imagenet", "data.dataset", "unknown dataset 'imagenet'; valid: "),
     ("strategy.name", "fedmagic", "strategy.name", "unknown strategy 'fedmagic'"),
     ("client.strategy", "nope", "client.strategy", "unknown client strategy 'nope'"),
-    ("model.architecture", "vit", "model.architecture", "unknown model 'vit'"),
+    ("model.architecture", "transformer", "model.architecture", "unknown model 'transformer'"),
     ("rounds", "ten", "rounds", "valid integer"),
     ("client.lr", -1.0, "client.lr", "greater than 0"),
     ("shift.weights", [1.0], "shift.weights", "one weight per mode"),

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 NEEDS = {"dann": ["data.mix=0.3"], "fish": ["data.mix=0.3"], "gradvac": ["data.mix=0.3"],
-         "ema_teacher": ["data.unlabelled=0.3"]}
+         "ema_teacher": ["data.unlabelled=0.3"], "prefix": ["model={architecture: vit}"]}
 
 
 def _one_round(overrides):

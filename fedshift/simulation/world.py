@@ -15,12 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..adapt import require_applicable
+from ..augment import BatchAugmenter, build_augmenter
 from ..clients.base import CLIENT_STRATEGIES, ClientData, ClientTrainer
 from ..config import Scenario, parse_yaml, validate_scenario
 from ..errors import ScenarioError
 from ..faults import act_after, act_before, draw_fault
 from ..data import Federation, build_federation
 from ..models import MultiBranchNet, build_model
+from ..modules import TrunkModule
 from ..shift import SCHEDULES, ModeSchedule, TraceSchedule
 from ..strategies.base import STRATEGIES, ClientInstruction, ClientJob, ClientResult, ServerStrategy, StrategySetup
 
@@ -50,7 +53,8 @@ def build_schedule(scenario: Scenario) -> ModeSchedule:
 def build_strategy(scenario: Scenario, num_classes: int) -> ServerStrategy:
     cls = STRATEGIES.get(scenario.strategy.name)
     setup = StrategySetup(mode_names=scenario.mode_names, num_classes=num_classes, branches=scenario.model.branches,
-                          schedule=build_schedule(scenario), seed=scenario.seed, rounds=scenario.rounds)
+                          schedule=build_schedule(scenario), seed=scenario.seed, rounds=scenario.rounds,
+                          eval=scenario.eval)
     return cls(cls.Params.model_validate(scenario.strategy.params()), setup)
 
 
@@ -83,11 +87,13 @@ def load_pretrained(model: MultiBranchNet, path: str) -> None:
         if name not in sd and name.startswith("heads.") and "heads.0." + name.split(".", 2)[2] in sd:
             sd[name] = sd["heads.0." + name.split(".", 2)[2]]
     wrong = [n for n in own if n in sd and tuple(sd[n].shape) != tuple(own[n].shape)]
-    missing = [n for n in own if n not in sd]
+    # model.modules added after the checkpoint was written (SelfNorm's weights) keep their initial values
+    added = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, TrunkModule))
+    missing = [n for n in own if n not in sd and not n.startswith(added)]
     if wrong or missing:
         raise ScenarioError([("model.pretrained", f"{path!r} does not fit model {model.__class__.__name__}: "
                               f"missing {missing[:5]}, wrong shape {wrong[:5]}")])
-    model.load_state_dict({n: sd[n] for n in own})
+    model.load_state_dict({n: sd[n] for n in own if n in sd}, strict=False)
 
 
 def client_seed(seed: int, server_round: int, cid: int) -> int:
@@ -105,6 +111,7 @@ class World:
     x: torch.Tensor
     y: torch.Tensor
     domain: torch.Tensor
+    augment: BatchAugmenter | None = None  # client.augment, applied to every training batch
 
     @classmethod
     def build(cls, scenario: Scenario, on_worker: bool = True) -> World:
@@ -112,9 +119,11 @@ class World:
         device = resolve_device(scenario)
         trainer = build_trainer(scenario)
         model = initial_model(scenario, fed, trainer).to(device)
+        require_applicable(scenario.eval.adapt, model, scenario.model.architecture)
         return cls(scenario, fed, model, build_strategy(scenario, fed.num_classes), trainer, device,
                    torch.from_numpy(fed.train_x).to(device), torch.from_numpy(fed.train_y).to(device),
-                   torch.from_numpy(fed.train_mode).to(device))
+                   torch.from_numpy(fed.train_mode).to(device),
+                   build_augmenter(scenario.client.augment, fed.input_shape))
 
     def warm_up(self) -> None:
         """Pay first-use costs (autograd, kernel selection) before round 0: one forward and backward pass
@@ -130,7 +139,7 @@ class World:
 
     def client_data(self, cid: int) -> ClientData:
         sl = self.federation.client_slice(cid)
-        return ClientData(self.x[sl], self.y[sl], self.domain[sl], self.federation.num_classes)
+        return ClientData(self.x[sl], self.y[sl], self.domain[sl], self.federation.num_classes, self.augment)
 
     def run_client(self, instruction: ClientInstruction, server_round: int, state: dict[str, Any],
                    trainer_server: dict[str, torch.Tensor] | None = None) -> tuple[ClientResult, dict[str, torch.Tensor]]:
