@@ -21,6 +21,7 @@ one client's batch, and DSU's spread of statistics is the spread within that bat
 from __future__ import annotations
 
 import functools
+import re
 from typing import ClassVar, Literal
 
 import torch
@@ -343,7 +344,8 @@ def insert_modules(model, specs: list[ComponentSpec | str], architecture: str) -
         for name, block, channels in chosen:
             if not any(isinstance(c, TrunkModule) for c in block.children()):
                 block.register_forward_hook(_apply_trunk_modules)
-            block.add_module(spec.name if not hasattr(block, spec.name) else f"{spec.name}_{i}",
+            child = cls.name or re.sub(r"\W", "_", spec.name.rpartition(":")[2].rpartition(".")[2])
+            block.add_module(child if not hasattr(block, child) else f"{child}_{i}",
                              cls.make(channels, params).to(next(model.parameters()).device))
             placed += 1
         cls.place(model.trunk, params)

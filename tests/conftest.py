@@ -13,3 +13,14 @@ def digits_raw():
 
     raw, _, _ = read_scenario_source("default")
     return raw
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: extra torch threads only add synchronisation (and contention on a shared machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,12 +29,7 @@ NAMES = ["color_jitter", "randaugment", "autoaugment", "augmix"]
 ACTIVE = {"color_jitter": {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.3}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(name: str, shape=(1, 8, 8), **opts):

@@ -39,13 +39,7 @@ NEEDS_MIXED = {"dann", "fish", "gradvac"}
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra threads only add synchronisation (and contention on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(branches: int = 1, seed: int = 0) -> MultiBranchNet:

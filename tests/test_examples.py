@@ -51,3 +51,22 @@ def test_examples_run_from_a_scenario_by_dotted_path(tmp_path):
     df = pd.read_csv(result.out_dir / "metrics.csv")
     assert len(df) == 3 and (df["clients/failed"] == 0).all()
     assert df["train/loss"].iloc[-1] < df["train/loss"].iloc[0]
+
+
+def test_channel_dropout_module_plugs_in_by_dotted_path():
+    from examples.channel_dropout_module import ChannelDrop
+    from fedshift.models import build_model
+
+    spec = '{name: "examples.channel_dropout_module:ChannelDropout", p: 0.5}'
+    scenario = load_scenario("default", ["model={architecture: cnn, channels: [4, 4], modules: [%s]}" % spec])
+    assert scenario.model.modules[0].params() == {"blocks": None, "p": 0.5}
+    model = build_model(scenario, (1, 8, 8), 10)
+    drops = [m for m in model.modules() if isinstance(m, ChannelDrop)]
+    assert len(drops) == 2
+    x = torch.rand(64, 4, 3, 3) + 0.5
+    torch.manual_seed(0)
+    out = drops[0].train()(x)
+    dropped = (out == 0).all(dim=(2, 3))
+    assert 0.35 < float(dropped.float().mean()) < 0.65  # about p of the channels
+    torch.testing.assert_close(out[~dropped], (x * 2)[~dropped])  # survivors scaled by 1 / (1 - p)
+    assert torch.equal(drops[0].eval()(x), x)

@@ -17,7 +17,7 @@ import yaml
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from fedshift.clients.base import ClientData, TrainContext, TrainTask  # noqa: E402
+from fedshift.clients.base import Batch, ClientData, TrainContext, TrainTask  # noqa: E402
 from fedshift.clients.erm import ERM  # noqa: E402
 from fedshift.config import ClientConfig, load_scenario  # noqa: E402
 from fedshift.data import DATASETS, build_federation  # noqa: E402
@@ -233,11 +233,12 @@ def test_per_token_loss_ignores_padding():
     y = torch.tensor([[HOW, USE, EOS, -1, -1], [1, 2, 3, 4, 1]])
     out = model(x)
     ctx = context(model, x, y)
-    per_token = ctx.task.loss(out, ctx.data)
+    batch = Batch(x, y, ctx.data.domain)
+    per_token = ctx.task.loss(out, batch)
     assert per_token.shape == (2, L) and (per_token[0, 3:] == 0).all()
     logp = out.logits[:, 1].log_softmax(1)  # branch 1, classes on dim 1
     nll = [-logp[b, int(y[b, t]), t] for b in range(2) for t in range(L) if y[b, t] >= 0]
-    assert torch.allclose(ctx.loss(out, ctx.data), torch.stack(nll).mean())
+    assert torch.allclose(ctx.loss(out, batch), torch.stack(nll).mean())
 
 
 def test_token_accuracy_skips_pad_oov_and_eos():
