@@ -15,7 +15,7 @@ from torch import nn
 from fedshift.config import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
-from .utils import device_generator
+from .utils import device_generator, require_input_shape
 
 STEPS = "beta_vae/steps"  # the client's step counter in ctx.state (the capacity schedule of objective B)
 
@@ -96,9 +96,7 @@ class BetaVAE(ClientTrainer):
     Params = BetaVAEParams
 
     def prepare_model(self, model):
-        if model.input_shape is None:
-            raise ValueError("beta_vae needs the model's input shape (MultiBranchNet.input_shape) to build its "
-                             "decoder; build the model with Architecture.build or fedshift.models.build_model")
+        require_input_shape(model, "beta_vae", "build its decoder")
         ref = next(model.parameters())
         model.vae = VAEHead(model.feature_dim, model.input_shape, self.params.z_dim,
                             self.params.decoder_hidden).to(ref.device, ref.dtype)

@@ -12,10 +12,12 @@ from pydantic import Field
 from torch import nn
 
 from fedshift.config import ComponentParams
+from fedshift.models import probe_forward
 
 from .base import CLIENT_STRATEGIES, Batch, TrainContext
 from .erm import ERM
 from .peft import trunk_blocks
+from .utils import require_input_shape
 
 TAP = "_head2toe_features"  # where a tapped block leaves its pooled output for the trunk's hook
 
@@ -117,9 +119,7 @@ class Head2Toe(ERM):
     Params = Head2ToeParams
 
     def prepare_model(self, model):
-        if model.input_shape is None:
-            raise ValueError("head2toe needs the model's input shape (MultiBranchNet.input_shape) to size its "
-                             "heads; build the model with Architecture.build or fedshift.models.build_model")
+        require_input_shape(model, "head2toe", "size its heads")
         model.requires_grad_(False)
         p = self.params
         taps = [name for name, _ in trunk_blocks(model.trunk)][:-1]
@@ -127,10 +127,7 @@ class Head2Toe(ERM):
             model.trunk.get_submodule(name).register_forward_hook(_Tap(p.target_size))
         model.trunk.register_forward_hook(_Concatenate(taps, p.target_size))
         ref = next(model.parameters())
-        was_training = model.training
-        with torch.no_grad():
-            width = model.trunk.eval()(torch.zeros(1, *model.input_shape, device=ref.device, dtype=ref.dtype)).shape[1]
-        model.train(was_training)
+        width = probe_forward(model.trunk, model.input_shape).shape[1]
         model.feature_dim = width
         model.heads = nn.ModuleList(nn.Linear(width, model.num_classes) for _ in model.heads).to(ref.device, ref.dtype)
 

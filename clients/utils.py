@@ -13,6 +13,14 @@ if TYPE_CHECKING:
     from fedshift.models import ModelOutput
 
 
+def require_input_shape(model, strategy: str, purpose: str) -> None:
+    """Raise a clear error when ``model`` was built without its input shape, which ``strategy`` needs for
+    ``purpose``."""
+    if model.input_shape is None:
+        raise ValueError(f"{strategy} needs the model's input shape (MultiBranchNet.input_shape) to {purpose}; "
+                         "build the model with Architecture.build or fedshift.models.build_model")
+
+
 def device_generator(ctx: TrainContext) -> torch.Generator:
     """A generator on ``ctx.device`` seeded from ``ctx.generator``: reproducible sampling that needs no
     host-to-device copy per step."""

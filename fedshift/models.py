@@ -208,6 +208,19 @@ class ResNet18GN(Architecture):
         return nn.Sequential(*layers)
 
 
+def probe_forward(net: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -> torch.Tensor:
+    """``net`` on a zero batch of ``input_shape`` examples, in eval mode and without gradients (its training
+    mode is restored after), on its parameters' device and dtype: to read shapes, or to fire forward hooks."""
+    ref = next(net.parameters())
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            return net(torch.zeros(batch, *input_shape, device=ref.device, dtype=ref.dtype))
+    finally:
+        net.train(was_training)
+
+
 def build_model(scenario, input_shape: tuple[int, ...], num_classes: int) -> MultiBranchNet:
     """The scenario's architecture with its padding mode and its ``model.modules`` in place."""
     from .modules import insert_modules, set_padding_mode

@@ -299,22 +299,18 @@ def feature_map_blocks(model) -> list[tuple[str, nn.Module, int]]:
     activations and residual blocks (children holding weighted layers that are not a bare layer), found by one
     forward of two zero inputs of the model's input shape."""
     from .clients.peft import trunk_blocks
+    from .models import probe_forward
 
     names = [name for name, _ in trunk_blocks(model.trunk)]
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = [getattr(model.trunk, n).register_forward_hook(
         lambda m, a, o, n=n: shapes.__setitem__(n, tuple(o.shape)) if isinstance(o, torch.Tensor) else None)
         for n in names]
-    was_training = model.training
-    model.eval()
     try:
-        ref = next(model.parameters())
-        with torch.no_grad():
-            model.trunk(torch.zeros(2, *model.input_shape, device=ref.device, dtype=ref.dtype))
+        probe_forward(model.trunk, model.input_shape, batch=2)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return [(n, getattr(model.trunk, n), shapes[n][1]) for n in names if len(shapes.get(n, ())) == 4]
 
 
@@ -378,6 +374,8 @@ def _pads(conv: nn.Conv2d) -> tuple[int, ...]:
 def uneven_padding(model, input_shape: tuple[int, ...] | None = None) -> list[str]:
     """The strided convolutions whose padding is uneven for this input size, ``(d + 2p - k) % s != 0``
     ('Mind the Pad'): PyTorch then drops the last row/column, so the padding is effectively one-sided."""
+    from .models import probe_forward
+
     shape = input_shape or model.input_shape
     found: list[str] = []
 
@@ -392,12 +390,7 @@ def uneven_padding(model, input_shape: tuple[int, ...] | None = None) -> list[st
 
     hooks = [m.register_forward_hook(check(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     try:
-        ref = next(model.parameters())
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            model(torch.zeros(1, *shape, device=ref.device, dtype=ref.dtype))
-            model.train(was)
+        probe_forward(model, shape)
     finally:
         for h in hooks:
             h.remove()

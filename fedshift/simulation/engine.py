@@ -472,9 +472,7 @@ def run_many(simulations: Sequence[Simulation]) -> list[RunResult | BaseExceptio
     def main(grid: Grid, context) -> None:  # runs in a thread of this process
         for i, sim in enumerate(simulations):
             try:
-                sim._start()
-                sim._loop(grid)
-                outcomes[i] = sim._result()
+                outcomes[i] = sim.serve(grid)
             except BaseException as exc:  # kept, returned after Flower has shut Ray down
                 outcomes[i] = exc
                 if not isinstance(exc, (Interrupted, FedshiftError)):
