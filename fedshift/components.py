@@ -131,7 +131,9 @@ def resolve_components(s: Scenario, base_dir: Path | None) -> list[tuple[str, st
         problems.extend(errs)
         if values is not None:
             s.strategy = type(s.strategy)(name=s.strategy.name, **values)
-            need = strat.num_branches(strat.Params.model_validate(values), k)
+            strat_params = strat.Params.model_validate(values)
+            need = strat.num_branches(strat_params, k)
+            problems.extend(strat.check_scenario(strat_params, s))
             if s.model.branches is None:
                 s.model.branches = need
             elif s.model.branches != need:

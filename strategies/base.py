@@ -157,6 +157,12 @@ class ServerStrategy:
         """How many branches the model needs under these parameters (checked against model.branches)."""
         return 1
 
+    @classmethod
+    def check_scenario(cls, params: StrategyParams, scenario: Any) -> list[tuple[str, str]]:
+        """Problems of these parameters in this scenario (a ``fedshift.config.Scenario``), as (key path,
+        message) pairs reported at validation time; empty if none."""
+        return []
+
     # ---- server half
     def initialize(self, model: MultiBranchNet) -> None:
         """Take the initial global model (called once, before round 0)."""

@@ -150,8 +150,10 @@ class TemporalPrior:
             self.schedule = SCHEDULES.get(params.prior)(len(setup.mode_names), period=base.period,
                                                         power=params.prior_power, phase=base.phase_offset)
 
-    def expected(self, server_round: int) -> np.ndarray:
-        w = self.schedule.weights(server_round - 1)
+    def expected(self, server_round: int, lag: int = 1) -> np.ndarray:
+        """Expected share of each center at ``server_round``: the schedule's weights at round r - lag (lag 1:
+        the reference's q_hat; lag 0: the cohort's own expected mix), the last center taking the rest."""
+        w = self.schedule.weights(server_round - lag)
         share = np.zeros(self.k)
         share[:self.k - 1] = w[:self.k - 1]
         share[-1] = max(0.0, 1.0 - share[:-1].sum())
