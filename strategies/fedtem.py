@@ -102,7 +102,7 @@ class FedTEM(MultiBranchStrategy):
         self.log_weights = np.zeros(k)
         self.n, self.s, self.q = torch.zeros(k, dtype=torch.float64), torch.zeros(k, d, dtype=torch.float64), \
             torch.zeros(k, dtype=torch.float64)
-        self.prior = TemporalPrior(self.params, self.setup, k)
+        self.prior = TemporalPrior(self.params, self.setup.schedule, k)
 
     def configure_train(self, server_round: int, cohort: Sequence[ClientSpec]) -> list[ClientInstruction]:
         arrays = {**self.opt.arrays, MEANS: self.means, VARS: self.vars,

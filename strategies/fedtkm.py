@@ -86,7 +86,7 @@ from fedshift.errors import ScenarioError
 from fedshift.evaluation import majority_vote
 from fedshift.models import ModelOutput
 
-from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec, StrategySetup
+from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec
 from .multibranch import (ClusterParams, MultiBranchStrategy, TemporalPrior, branch_loss, center_metrics,
                           clip_update, cluster_count, initial_centers, local_features, mean_stat, nearest, one_hot,
                           scaled_distances, summed_stat, usable_replies)
@@ -97,8 +97,9 @@ ROWS, COUNTS, ASSIGNED = "fedtkm.center_rows", "fedtkm.center_counts", "fedtkm.a
 
 class FedTKMParams(ClusterParams):
     eval_scaled: bool = Field(True, description="scale the distance to each center by s at test time")
-    center_lr: float = Field(1.0, gt=0, le=1, description="step of the center update, C_k += center_lr * mean "
-                                                          "(mu - C_k) (1 = the reference: a full k-means step)")
+    center_lr: float = Field(1.0, gt=0, le=1, description="floor of the center step: C_k += max(center_lr, 1/u_k) "
+                                                          "(mean of its clients' means - C_k), u_k = rounds center "
+                                                          "k had clients (1 = the reference's full k-means step)")
     anchor: float | None = Field(None, gt=0.5, le=1, description="in a round whose expected share of one mode "
                                                                  "is at least this, every client takes that "
                                                                  "mode's center instead of voting (None = never)")
@@ -129,9 +130,7 @@ class FedTKM(MultiBranchStrategy):
         except ScenarioError:
             return []  # a bad trace is reported by the shift checks
         k = cluster_count(params, len(scenario.modes))
-        setup = StrategySetup(mode_names=scenario.mode_names, num_classes=0, branches=k, schedule=schedule,
-                              seed=scenario.seed, rounds=scenario.rounds)
-        prior = TemporalPrior(params, setup, k)
+        prior = TemporalPrior(params, schedule, k)
         peak = np.max([prior.expected(r, lag=0) for r in range(scenario.rounds)], axis=0)
         short = [c for c in range(k) if peak[c] < params.anchor]
         if not short:
@@ -148,7 +147,7 @@ class FedTKM(MultiBranchStrategy):
         self.centers = initial_centers(self.setup, k, model.feature_dim, self.params.center_init_std)
         self.scales = np.ones(k)
         self.center_updates = np.zeros(k)
-        self.prior = TemporalPrior(self.params, self.setup, k)
+        self.prior = TemporalPrior(self.params, self.setup.schedule, k)
 
     def configure_train(self, server_round: int, cohort: Sequence[ClientSpec]) -> list[ClientInstruction]:
         arrays = {**self.opt.arrays, CENTERS: self.centers, SCALES: torch.tensor(self.scales, dtype=torch.float32)}
@@ -166,8 +165,8 @@ class FedTKM(MultiBranchStrategy):
             rows, n = summed_stat(ok, ROWS), summed_stat(ok, COUNTS)
             self.center_updates += (n > 0).numpy()
             lr = np.maximum(self.params.center_lr, 1.0 / np.maximum(self.center_updates, 1))
-            step = torch.from_numpy(lr)[:, None] * rows / n.clamp(min=1e-7)[:, None]
-            self.centers = (self.centers.double() + step).float()
+            move = torch.from_numpy(lr)[:, None] * rows / n.clamp(min=1e-7)[:, None]
+            self.centers = (self.centers.double() + move).float()
             shares = mean_stat(ok, ASSIGNED).numpy()
             step, expected = self.prior.log_step(server_round, shares)
             if self.params.anchor is None or self.center_updates.all():
@@ -211,11 +210,10 @@ class FedTKM(MultiBranchStrategy):
         k = model.num_branches
         anchored = int(job.extra[ANCHORED]) if ANCHORED in job.extra else None
 
-        def choose(feats: torch.Tensor) -> int:
-            return anchored if anchored is not None else majority_vote(nearest(scaled_distances(feats, centers,
-                                                                                                  scales)), k)
+        def vote(feats: torch.Tensor) -> int:
+            return majority_vote(nearest(scaled_distances(feats, centers, scales)), k)
 
-        branch = choose(local_features(model, data))
+        branch = anchored if anchored is not None else vote(local_features(model, data))
         names = model.parameter_names(None if p.label_smooth_w > 0 else [branch])
         before = job.trained_arrays(names) if p.clip_norm is not None else {}
         metrics = job.train(TrainTask(branch=branch, loss_fn=branch_loss(one_hot(branch, k), p.label_smooth_w,
@@ -224,7 +222,7 @@ class FedTKM(MultiBranchStrategy):
         arrays = clip_update(before, job.trained_arrays(names), p.clip_norm)
 
         feats = local_features(model, data)
-        chosen = choose(feats)
+        chosen = anchored if anchored is not None else vote(feats)
         n = len(data)
         rows = torch.zeros(k, feats.shape[1])
         rows[chosen] = n * (feats.mean(0).cpu() - centers[chosen].cpu())

@@ -140,14 +140,15 @@ class TemporalPrior:
     reference. With K = 2 this is exactly the reference's s <- s * exp(glr (ratio - q_hat)).
     """
 
-    def __init__(self, params: ClusterParams, setup: StrategySetup, k: int):
+    def __init__(self, params: ClusterParams, base: ModeSchedule, k: int):
+        """``base``: the scenario's schedule (the prior itself with ``prior: scenario``, else its period and
+        phase)."""
         self.params = params
         self.k = k
-        base = setup.schedule
         if params.prior == "scenario":
             self.schedule: ModeSchedule = base
         else:
-            self.schedule = SCHEDULES.get(params.prior)(len(setup.mode_names), period=base.period,
+            self.schedule = SCHEDULES.get(params.prior)(base.num_modes, period=base.period,
                                                         power=params.prior_power, phase=base.phase_offset)
 
     def expected(self, server_round: int, lag: int = 1) -> np.ndarray:

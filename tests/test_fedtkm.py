@@ -246,7 +246,7 @@ def test_geo_lr_zero_is_plain_k_means():
 
 def test_prior_for_more_than_two_centers_steers_all_but_the_last():
     setup = setup_for(period=9, modes=3)
-    prior = TemporalPrior(FedTKM.Params(), setup, 3)
+    prior = TemporalPrior(FedTKM.Params(), setup.schedule, 3)
     expected = prior.expected(4)
     assert np.allclose(expected, setup.schedule.weights(3)) and expected.sum() == pytest.approx(1.0)
     step, _ = prior.log_step(4, np.array([1.0, 0.0, 0.0]))
@@ -254,7 +254,7 @@ def test_prior_for_more_than_two_centers_steers_all_but_the_last():
     assert step[1] == pytest.approx(0.2 * (0.0 - expected[1]))
     assert step[2] == 0.0  # the last center is the anchor whose distances stay unscaled
     # K = 2 centers in a 3-mode scenario: center 0 follows mode 0, center 1 takes the rest
-    two = TemporalPrior(FedTKM.Params(), setup, 2)
+    two = TemporalPrior(FedTKM.Params(), setup.schedule, 2)
     assert np.allclose(two.expected(4), [setup.schedule.weights(3)[0], 1 - setup.schedule.weights(3)[0]])
 
 
