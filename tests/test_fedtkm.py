@@ -152,6 +152,30 @@ def test_center_statistics_come_from_the_locally_trained_model():
     assert torch.allclose(res.stats["fedtkm.center_rows"], expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("anchor", [None, 0.95])
+def test_with_stats_model_received_the_statistics_use_the_features_that_voted(anchor):
+    """``stats_model: received``: the statistics come from the received model (the one that votes and is
+    evaluated), not the trained one, and the client's center is its branch. The features 1.4, 1.6, 1.5 vote
+    for center 0 (at 1, not -2); trained, the trunk moves, yet the rows stay 3 * (1.5 - 1)."""
+    s = FedTKM(FedTKM.Params(stats_model="received", anchor=anchor), setup_for())
+    torch.manual_seed(0)
+    s.initialize(MultiBranchNet(nn.Linear(1, 1), 1, 2, 2))
+    s.opt.arrays.update({"trunk.weight": torch.ones(1, 1), "trunk.bias": torch.zeros(1)})
+    s.centers = torch.tensor([[1.0], [-2.0]])
+    x = torch.tensor([[1.4], [1.6], [1.5]])
+    data = ClientData(x, torch.tensor([1, 1, 1]), torch.zeros(3, dtype=torch.long), 2)
+    server_round = 0 if anchor is None else 8  # round 8 of a period-16 linear schedule: pure night, anchored
+    (ins,) = s.configure_train(server_round, [ClientSpec(0, 0)])
+    res = s.client_update(client_job(s, ins, data, MultiBranchNet(nn.Linear(1, 1), 1, 2, 2), server_round))
+    assert not torch.allclose(res.arrays["trunk.weight"], torch.ones(1, 1))  # training moved the trunk
+    center = 0 if anchor is None else 1
+    expected = torch.zeros(2, 1)
+    expected[center] = 3 * (1.5 - s.centers[center])
+    assert res.metrics["branch"] == center
+    assert torch.allclose(res.stats["fedtkm.center_rows"], expected, atol=1e-5)
+    assert torch.equal(res.stats["fedtkm.assigned"], torch.eye(2)[center])
+
+
 def test_a_center_nobody_chose_stays():
     s = FedTKM(FedTKM.Params(), setup_for())
     s.initialize(identity_net())
@@ -337,6 +361,14 @@ def test_an_anchor_the_schedule_never_reaches_is_a_scenario_error():
         load_scenario("default", ["strategy={name: fedtkm, anchor: 0.95}",
                                   "shift={schedule: constant, weights: [0.7, 0.3]}"])
     assert load_scenario("default", ["strategy={name: fedtkm, anchor: 0.95}"]).strategy.anchor == 0.95
+
+
+def test_the_documented_anchored_configuration_loads_and_a_bad_stats_model_names_its_choices():
+    documented = "strategy={name: fedtkm, center_lr: 0.2, stats_model: received, anchor: 0.95, geo_lr: 0.02}"
+    params = load_scenario("default", [documented, "rounds=192"]).strategy
+    assert (params.stats_model, params.anchor, params.geo_lr, params.center_lr) == ("received", 0.95, 0.02, 0.2)
+    with pytest.raises(ScenarioError, match=r"strategy\.stats_model.*'trained'.*'received'"):
+        load_scenario("default", ["strategy={name: fedtkm, stats_model: local}"])
 
 
 # ------------------------------------------------------------------------------------------ the local loss
