@@ -133,7 +133,7 @@ def bench_raw(scenario: Scenario) -> dict[str, Any]:
     from .strategies.base import ClientReply, ClientSpec
 
     t0 = time.perf_counter()
-    world = World.build(scenario, on_worker=False)
+    world = World.build(scenario, on_worker=True)  # this process plays every client
     mem_series = []
     strategy = world.strategy
     strategy.initialize(world.model)

@@ -120,3 +120,18 @@ def test_too_few_examples_is_a_scenario_error(digits_raw):
     digits_raw["data"]["partition"] = {"kind": "iid", "min_examples": 2}
     with pytest.raises(ScenarioError, match="too few"):
         build_federation(validate_scenario(digits_raw))
+
+
+def test_the_server_world_keeps_layout_and_test_sets_but_no_training_examples():
+    from fedshift import load_scenario
+    from fedshift.simulation.world import World
+
+    scenario = load_scenario("default")
+    server, worker = World.build(scenario, on_worker=False), World.build(scenario, on_worker=True)
+    assert len(server.x) == len(server.federation.train_x) == 0 and len(worker.x) == worker.federation.offsets[-1]
+    assert np.array_equal(server.federation.offsets, worker.federation.offsets)
+    assert [list(p) for p in server.federation.pools()] == [list(p) for p in worker.federation.pools()]
+    assert all(np.array_equal(server.federation.test[m][0], worker.federation.test[m][0]) for m in ("day", "night"))
+    assert len(worker.client_data(0)) == worker.federation.client_size(0)
+    with pytest.raises(RuntimeError, match="on_worker=True"):
+        server.client_data(0)

@@ -277,14 +277,15 @@ class EMNIST(HubImageSource):
     def load(self, seed: int, test_fraction: float) -> SourceData:
         tables = self.read_splits()
         train = self.capped_train(tables, seed)
-        x = to_unit(self.decode(train))
+        pixels = self.decode(train)  # uint8: split before the 4x larger float copy
         y = self.labels(train)
         groups = self.writer_codes(train)
         if "test" in tables:
             test = tables["test"]
-            return SourceData(x, y, to_unit(self.decode(test)), self.labels(test), groups)
+            return SourceData(to_unit(pixels), y, to_unit(self.decode(test)), self.labels(test), groups)
         test_mask = writer_holdout(groups, test_fraction, np.random.default_rng([seed, DATA_STREAM, HOLDOUT_STREAM]))
-        return SourceData(x[~test_mask], y[~test_mask], x[test_mask], y[test_mask], groups[~test_mask])
+        return SourceData(to_unit(pixels[~test_mask]), y[~test_mask], to_unit(pixels[test_mask]), y[test_mask],
+                          groups[~test_mask])
 
 
 def center_crop(x: np.ndarray, size: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -115,7 +115,13 @@ class World:
 
     @classmethod
     def build(cls, scenario: Scenario, on_worker: bool = True) -> World:
+        """Everything one process needs. ``on_worker=False`` (the server) keeps the federation's layout,
+        pools and test sets but not its training examples, which only the processes that play clients use
+        (at paper scale, EMNIST, they are 2.3 GB per process)."""
         fed = build_federation(scenario)
+        if not on_worker:
+            fed = replace(fed, train_x=fed.train_x[:0].copy(), train_y=fed.train_y[:0].copy(),
+                          train_mode=fed.train_mode[:0].copy())
         device = resolve_device(scenario)
         trainer = build_trainer(scenario)
         model = initial_model(scenario, fed, trainer).to(device)
@@ -138,6 +144,9 @@ class World:
             opt.step()
 
     def client_data(self, cid: int) -> ClientData:
+        if len(self.x) == 0:
+            raise RuntimeError("this World was built for the server (on_worker=False) and holds no training examples; "
+                               "build it with on_worker=True to play clients")
         sl = self.federation.client_slice(cid)
         return ClientData(self.x[sl], self.y[sl], self.domain[sl], self.federation.num_classes, self.augment)
 
