@@ -14,7 +14,8 @@ Client (receives w and ``fedtem.means``, ``fedtem.vars``, ``fedtem.log_weights``
 2. Local training on the responsibility-weighted loss sum_k r_k CE(y, head_k) + label_smooth_w *
    sum_k (1 - r_k) / (K - 1) KL(smooth(y) || softmax(head_k)) (FedTKM's loss when r is one-hot). Trunk and
    all heads train and are sent; ``fedtem.train_resp`` = r.
-3. With the trained model: gamma'_ik as in 1, and the statistics sum_i gamma'_ik (``fedtem.resp``),
+3. With the trained model (``stats_model: received``: the received one, the E-step of 1 reused):
+   gamma'_ik as in 1, and the statistics sum_i gamma'_ik (``fedtem.resp``),
    sum_i gamma'_ik f_i (``fedtem.feat``), sum_i gamma'_ik ||f_i||^2 (``fedtem.sq``) and the soft share
    mean_i gamma'_ik (``fedtem.share``).
 
@@ -37,8 +38,8 @@ mode's examples majority-votes a branch (the paper's protocol, see fedshift.eval
 
 Parameters (defaults):
     k (None = one per mode), geo_lr (0.2), zero_mid (False), prior ("scenario"), prior_power (1.0),
-    label_smooth_w (0.0), label_smooth_eps (0.2), center_init_std (0.1), clip_norm (None): as in fedtkm
-        (means start where FedTKM's centers do).
+    label_smooth_w (0.0), label_smooth_eps (0.2), center_init_std (0.1), clip_norm (None),
+        stats_model ("trained"): as in fedtkm (means start where FedTKM's centers do).
     memory (0.5): forgetting factor of the online statistics (0 = each round's statistics alone).
     init_var (1.0): every component's variance until it has statistics.
     min_var (1e-4): floor of the variances.
@@ -176,14 +177,15 @@ class FedTEM(MultiBranchStrategy):
         p = self.params
         model, data = job.model, job.data
         mixture = (job.extra[MEANS], job.extra[VARS], job.extra[LOG_WEIGHTS])
-        resp = torch.softmax(log_posterior(local_features(model, data), *mixture), 1).mean(0).cpu()
+        received = local_features(model, data)
+        resp = torch.softmax(log_posterior(received, *mixture), 1).mean(0).cpu()
         branch = int(resp.argmax())
         names = model.parameter_names()
         before = job.trained_arrays(names) if p.clip_norm is not None else {}
         metrics = job.train(TrainTask(branch=branch, loss_fn=branch_loss(resp, p.label_smooth_w, p.label_smooth_eps)))
         arrays = clip_update(before, job.trained_arrays(names), p.clip_norm)
 
-        feats = local_features(model, data)
+        feats = received if p.stats_model == "received" else local_features(model, data)
         gamma = torch.softmax(log_posterior(feats, *mixture), 1)
         stats = {TRAIN_RESP: resp, RESP: gamma.sum(0), FEAT: gamma.T @ feats, SQ: gamma.T @ (feats ** 2).sum(1),
                  SHARE: gamma.mean(0)}

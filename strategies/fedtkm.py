@@ -85,7 +85,7 @@ share of clients that trained them); a client whose update or statistics are non
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,9 +113,6 @@ class FedTKMParams(ClusterParams):
     anchor: float | None = Field(None, gt=0.5, le=1, description="in a round whose expected share of one mode "
                                                                  "is at least this, every client takes that "
                                                                  "mode's center instead of voting (None = never)")
-    stats_model: Literal["trained", "received"] = Field(
-        "trained", description="model whose features give a client's center statistics: the locally trained one "
-                               "(the reference) or the received one, which also votes and is evaluated")
 
 
 @STRATEGIES.register("fedtkm")

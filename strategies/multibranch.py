@@ -55,6 +55,9 @@ class ClusterParams(LabelSmoothingParams):
     prior_power: float = Field(1.0, gt=0, description="power of a named prior (the reference's prior has none)")
     center_init_std: float = Field(0.1, gt=0, description="centers start as N(0, std^2), seeded")
     clip_norm: float | None = Field(None, gt=0, description="clip each client update to this global norm")
+    stats_model: Literal["trained", "received"] = Field(
+        "trained", description="model whose features give a client's cluster statistics: the locally trained one "
+                               "(the reference) or the received one, which also chooses the branch and is evaluated")
 
 
 def cluster_count(params: ClusterParams, num_modes: int) -> int:

@@ -132,18 +132,28 @@ def test_reference_check_on_center_statistics():
     assert torch.allclose(s.centers, torch.tensor([[0.0], [-2.0]]))
 
 
-def test_center_statistics_come_from_the_locally_trained_model():
-    """FEDTKM.md step 4: the mean feature is taken after local training. A trainable 1-d trunk (starting as
-    the identity) moves during training, so the statistics must match the features of the returned trunk."""
-    s = FedTKM(FedTKM.Params(), setup_for())
+def one_client_with_a_trainable_trunk(x: list[float], server_round: int = 0, cls=FedTKM, **params):
+    """FedTKM (or FedTEM) with centers (means) [1, -2] and a 1-d linear trunk starting as the identity; one
+    client holding the features ``x`` (all labelled 1) trains a round. Returns the strategy and the result."""
+    s = cls(cls.Params(**params), setup_for())
     torch.manual_seed(0)
     s.initialize(MultiBranchNet(nn.Linear(1, 1), 1, 2, 2))
     s.opt.arrays.update({"trunk.weight": torch.ones(1, 1), "trunk.bias": torch.zeros(1)})
-    s.centers = torch.tensor([[1.0], [-2.0]])
+    if cls is FedTKM:
+        s.centers = torch.tensor([[1.0], [-2.0]])
+    else:
+        s.means = torch.tensor([[1.0], [-2.0]])
+    n = len(x)
+    data = ClientData(torch.tensor(x)[:, None], torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), 2)
+    (ins,) = s.configure_train(server_round, [ClientSpec(0, 0)])
+    return s, s.client_update(client_job(s, ins, data, MultiBranchNet(nn.Linear(1, 1), 1, 2, 2), server_round))
+
+
+def test_center_statistics_come_from_the_locally_trained_model():
+    """FEDTKM.md step 4: the mean feature is taken after local training. A trainable 1-d trunk (starting as
+    the identity) moves during training, so the statistics must match the features of the returned trunk."""
     x = torch.tensor([[1.0], [2.0], [0.5]])
-    data = ClientData(x, torch.tensor([1, 1, 1]), torch.zeros(3, dtype=torch.long), 2)
-    (ins,) = s.configure_train(0, [ClientSpec(0, 0)])
-    res = s.client_update(client_job(s, ins, data, MultiBranchNet(nn.Linear(1, 1), 1, 2, 2)))
+    s, res = one_client_with_a_trainable_trunk([1.0, 2.0, 0.5])
     trained = x * res.arrays["trunk.weight"] + res.arrays["trunk.bias"]
     assert not torch.allclose(trained, x)  # training moved the trunk
     chosen = 0 if (trained - 1.0).abs().lt((trained + 2.0).abs()).sum() > 1 else 1
@@ -157,16 +167,8 @@ def test_with_stats_model_received_the_statistics_use_the_features_that_voted(an
     """``stats_model: received``: the statistics come from the received model (the one that votes and is
     evaluated), not the trained one, and the client's center is its branch. The features 1.4, 1.6, 1.5 vote
     for center 0 (at 1, not -2); trained, the trunk moves, yet the rows stay 3 * (1.5 - 1)."""
-    s = FedTKM(FedTKM.Params(stats_model="received", anchor=anchor), setup_for())
-    torch.manual_seed(0)
-    s.initialize(MultiBranchNet(nn.Linear(1, 1), 1, 2, 2))
-    s.opt.arrays.update({"trunk.weight": torch.ones(1, 1), "trunk.bias": torch.zeros(1)})
-    s.centers = torch.tensor([[1.0], [-2.0]])
-    x = torch.tensor([[1.4], [1.6], [1.5]])
-    data = ClientData(x, torch.tensor([1, 1, 1]), torch.zeros(3, dtype=torch.long), 2)
     server_round = 0 if anchor is None else 8  # round 8 of a period-16 linear schedule: pure night, anchored
-    (ins,) = s.configure_train(server_round, [ClientSpec(0, 0)])
-    res = s.client_update(client_job(s, ins, data, MultiBranchNet(nn.Linear(1, 1), 1, 2, 2), server_round))
+    s, res = one_client_with_a_trainable_trunk([1.4, 1.6, 1.5], server_round, stats_model="received", anchor=anchor)
     assert not torch.allclose(res.arrays["trunk.weight"], torch.ones(1, 1))  # training moved the trunk
     center = 0 if anchor is None else 1
     expected = torch.zeros(2, 1)
@@ -174,6 +176,19 @@ def test_with_stats_model_received_the_statistics_use_the_features_that_voted(an
     assert res.metrics["branch"] == center
     assert torch.allclose(res.stats["fedtkm.center_rows"], expected, atol=1e-5)
     assert torch.equal(res.stats["fedtkm.assigned"], torch.eye(2)[center])
+
+
+@pytest.mark.parametrize("stats_model", ["trained", "received"])
+def test_fedtem_statistics_come_from_the_model_stats_model_names(stats_model):
+    """FedTEM's E-step statistics: responsibilities and feature sums of the trained features (the reference's
+    order) or of the received ones, which the training responsibilities also used."""
+    x = torch.tensor([[1.4], [1.6], [-1.5]])
+    s, res = one_client_with_a_trainable_trunk([1.4, 1.6, -1.5], cls=FedTEM, stats_model=stats_model)
+    assert not torch.allclose(res.arrays["trunk.weight"], torch.ones(1, 1))  # training moved the trunk
+    feats = x if stats_model == "received" else x * res.arrays["trunk.weight"] + res.arrays["trunk.bias"]
+    gamma = torch.softmax(-(feats - s.means.T) ** 2 / 2, 1)  # unit variances, uniform weights
+    assert torch.allclose(res.stats["fedtem.resp"], gamma.sum(0), atol=1e-5)
+    assert torch.allclose(res.stats["fedtem.feat"], gamma.T @ feats, atol=1e-5)
 
 
 def test_a_center_nobody_chose_stays():

@@ -190,8 +190,10 @@ def build_federation(scenario: Scenario) -> Federation:
     sizes = [len(held) for clients in holdings for held in clients]
     client_mode = [k for k, clients in enumerate(holdings) for _ in clients]
     total = int(sum(sizes))
-    train_x = np.empty((total, *modes[0].train_x.shape[1:]), dtype=np.result_type(*[m.train_x.dtype for m in modes]))
-    train_y = np.empty(total, dtype=np.result_type(*[m.train_y.dtype for m in modes]))
+    def like(arrays: list[np.ndarray]) -> np.ndarray:  # room for all clients' rows (labels may be sequences)
+        return np.empty((total, *arrays[0].shape[1:]), dtype=np.result_type(*[a.dtype for a in arrays]))
+
+    train_x, train_y = like([m.train_x for m in modes]), like([m.train_y for m in modes])
     train_mode = np.empty(total, dtype=np.int64)
     at = 0
     for clients in holdings:

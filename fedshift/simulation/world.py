@@ -145,8 +145,8 @@ class World:
 
     def client_data(self, cid: int) -> ClientData:
         if len(self.x) == 0:
-            raise RuntimeError("this World was built for the server (on_worker=False) and holds no training examples; "
-                               "build it with on_worker=True to play clients")
+            raise RuntimeError("this World was built for the server (on_worker=False) and holds no training "
+                               "examples; build it with on_worker=True to play clients")
         sl = self.federation.client_slice(cid)
         return ClientData(self.x[sl], self.y[sl], self.domain[sl], self.federation.num_classes, self.augment)
 
