@@ -120,14 +120,16 @@ def write_cifar(root: Path, seed: int = 0) -> None:
             print(f"  wrote {path} ({n} rows)", file=sys.stderr, flush=True)
 
 
-def femnist_test_size(root: Path, test_fraction: float = 0.1) -> int:
-    """Test examples of the synthetic FEMNIST: round(n * test_fraction) of each writer's n, at least one kept."""
+def femnist_test_size(root: Path, test_fraction: float) -> int:
+    """Test examples the emnist source holds out of the synthetic FEMNIST (its per-writer rule)."""
     import pyarrow.parquet as pq
+
+    from fedshift.data.hf import writer_holdout
 
     ids = np.concatenate([pq.read_table(f, columns=["writer_id"]).column(0).to_numpy(zero_copy_only=False)
                           for f in sorted((root / "data").glob("*.parquet"))])
-    counts = np.unique(ids, return_counts=True)[1]
-    return int(np.minimum(np.rint(counts * test_fraction), counts - 1).sum())
+    writers = np.unique(ids, return_inverse=True)[1]
+    return int(writer_holdout(writers, test_fraction, np.random.default_rng(0)).sum())
 
 
 TASKS = {
@@ -136,7 +138,7 @@ TASKS = {
                "strategy": ["strategy.name=fedtkm", "strategy.label_smooth_w=0.5", "strategy.label_smooth_eps=0.1"]},
     "cifar": {"write": write_cifar, "ready": lambda d: (d / "cifar100").is_dir(),
               "paths": lambda d: [f"data.dataset.path={d / 'cifar100'}", f"modes.day.dataset.path={d / 'cifar10'}"],
-              "test_size": lambda d: 20_000,
+              "test_size": lambda d, fraction: 20_000,
               "strategy": ["strategy.name=fedtkm", "strategy.label_smooth_w=0.1", "strategy.label_smooth_eps=0.5",
                            "strategy.zero_mid=true"]},
 }
@@ -168,10 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     cap = [f"data.max_test_per_mode={args.max_test}"] if args.max_test else []
     overrides = [*task["paths"](data), f"rounds={args.rounds}", "output.tensorboard=false", "output.save_model=false",
                  *([] if args.fedavg else task["strategy"]), *cap, *args.overrides]
+    scenario = fedshift.load_scenario(args.task, overrides)
     if args.out.exists():
         shutil.rmtree(args.out)
     t0 = time.perf_counter()
-    fedshift.run_scenario(fedshift.load_scenario(args.task, overrides), out=args.out)
+    fedshift.run_scenario(scenario, out=args.out)
     total = time.perf_counter() - t0
     summary = json.loads((args.out / "summary.json").read_text())
     with open(args.out / "metrics.csv") as f:
@@ -194,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     full = fedshift.load_scenario(args.task)  # the scenario as written: its rounds and evaluation schedule
     n_eval = sum(1 for t in range(full.rounds) if (t + 1) % full.eval.every == 0 or t == full.rounds - 1)
-    test_size = task["test_size"](data)
-    timed, examples = evaluation_seconds(fedshift.load_scenario(args.task, overrides))
+    test_size = task["test_size"](data, scenario.data.test_fraction)
+    timed, examples = evaluation_seconds(scenario)
     eval_s = timed * test_size / examples
     projected = before + (full.rounds - 1) * np.mean(train) + n_eval * eval_s
     print(f"evaluating {examples} test examples took {timed:.1f} s in this process, so all {test_size}: about "

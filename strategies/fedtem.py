@@ -177,16 +177,18 @@ class FedTEM(MultiBranchStrategy):
         p = self.params
         model, data = job.model, job.data
         mixture = (job.extra[MEANS], job.extra[VARS], job.extra[LOG_WEIGHTS])
-        received = local_features(model, data)
-        resp = torch.softmax(log_posterior(received, *mixture), 1).mean(0).cpu()
+        feats = local_features(model, data)  # the received model's
+        gamma = torch.softmax(log_posterior(feats, *mixture), 1)
+        resp = gamma.mean(0).cpu()
         branch = int(resp.argmax())
         names = model.parameter_names()
         before = job.trained_arrays(names) if p.clip_norm is not None else {}
         metrics = job.train(TrainTask(branch=branch, loss_fn=branch_loss(resp, p.label_smooth_w, p.label_smooth_eps)))
         arrays = clip_update(before, job.trained_arrays(names), p.clip_norm)
 
-        feats = received if p.stats_model == "received" else local_features(model, data)
-        gamma = torch.softmax(log_posterior(feats, *mixture), 1)
+        if p.stats_model == "trained":  # else the E-step above is reused
+            feats = local_features(model, data)
+            gamma = torch.softmax(log_posterior(feats, *mixture), 1)
         stats = {TRAIN_RESP: resp, RESP: gamma.sum(0), FEAT: gamma.T @ feats, SQ: gamma.T @ (feats ** 2).sum(1),
                  SHARE: gamma.mean(0)}
         return ClientResult(arrays, num_examples=len(data), metrics=metrics | {"branch": float(branch)},

@@ -138,8 +138,11 @@ def hide_labels(y: np.ndarray, offsets: np.ndarray, share: float, rng: np.random
     return y
 
 
-def build_federation(scenario: Scenario) -> Federation:
-    """Load the sources, build each mode, partition it among its clients. Deterministic in the seed."""
+def build_federation(scenario: Scenario, training_examples: bool = True) -> Federation:
+    """Load the sources, build each mode, partition it among its clients. Deterministic in the seed.
+
+    ``training_examples=False`` (the server, which never trains): the same clients, offsets and test sets, but
+    ``train_x``, ``train_y`` and ``train_mode`` are left empty instead of being assembled."""
     loaded: dict[str, SourceData] = {}
     modes: list[ModeData] = []
     for k, name in enumerate(scenario.mode_names):
@@ -189,14 +192,15 @@ def build_federation(scenario: Scenario) -> Federation:
     # per-client copies to concatenate: at paper scale, EMNIST, each copy of the images is 2.3 GB)
     sizes = [len(held) for clients in holdings for held in clients]
     client_mode = [k for k, clients in enumerate(holdings) for _ in clients]
-    total = int(sum(sizes))
+    total = int(sum(sizes)) if training_examples else 0
+
     def like(arrays: list[np.ndarray]) -> np.ndarray:  # room for all clients' rows (labels may be sequences)
         return np.empty((total, *arrays[0].shape[1:]), dtype=np.result_type(*[a.dtype for a in arrays]))
 
     train_x, train_y = like([m.train_x for m in modes]), like([m.train_y for m in modes])
     train_mode = np.empty(total, dtype=np.int64)
     at = 0
-    for clients in holdings:
+    for clients in holdings if training_examples else []:
         for held in clients:
             for m, mode in enumerate(modes):
                 idx = held[held[:, 0] == m, 1]
@@ -204,7 +208,7 @@ def build_federation(scenario: Scenario) -> Federation:
                 train_y[at:at + len(idx)] = mode.train_y[idx]
                 train_mode[at:at + len(idx)] = m
                 at += len(idx)
-    if scenario.data.unlabelled > 0:
+    if scenario.data.unlabelled > 0 and training_examples:
         train_y = hide_labels(train_y, np.concatenate([[0], np.cumsum(sizes)]), scenario.data.unlabelled,
                               np.random.default_rng([scenario.seed, DATA_STREAM, 400]))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -118,10 +118,7 @@ class World:
         """Everything one process needs. ``on_worker=False`` (the server) keeps the federation's layout,
         pools and test sets but not its training examples, which only the processes that play clients use
         (at paper scale, EMNIST, they are 2.3 GB per process)."""
-        fed = build_federation(scenario)
-        if not on_worker:
-            fed = replace(fed, train_x=fed.train_x[:0].copy(), train_y=fed.train_y[:0].copy(),
-                          train_mode=fed.train_mode[:0].copy())
+        fed = build_federation(scenario, training_examples=on_worker)
         device = resolve_device(scenario)
         trainer = build_trainer(scenario)
         model = initial_model(scenario, fed, trainer).to(device)
