@@ -149,8 +149,8 @@ def bench_raw(scenario: Scenario) -> dict[str, Any]:
             ins_arrays = {k: v.clone() for k, v in ins.arrays.items()}  # what a message would deliver
             result, tstats = world.run_client(type(ins)(ins.cid, ins_arrays, dict(ins.config)), t, state)
             replies.append(ClientReply(ins.cid, spec.mode, result.num_examples,
-                                       {k: v.detach().cpu() for k, v in result.arrays.items()}, result.metrics,
-                                       result.stats, None, tstats))
+                                       {k: v.detach().to("cpu", copy=True) for k, v in result.arrays.items()},
+                                       result.metrics, result.stats, None, tstats))
         strategy.aggregate_train(t, replies)
         if world.device.type == "cuda":
             torch.cuda.synchronize()

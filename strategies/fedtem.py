@@ -123,7 +123,7 @@ class FedTEM(MultiBranchStrategy):
             total = sum(weights)
             if total <= 0:
                 continue
-            update[name] = sum((r.arrays[name].double() - g.double()) * (w / total) for r, w in zip(replies, weights))
+            update[name] = sum((r.arrays[name].to(g.device, torch.float64) - g.double()) * (w / total) for r, w in zip(replies, weights))
         self.opt.step(update)
 
     def aggregate_train(self, server_round: int, replies: Sequence[ClientReply]) -> dict[str, float]:

@@ -26,7 +26,7 @@ def mean_update(global_arrays: dict[str, torch.Tensor], replies: Sequence[Client
         total = float(sum(r.num_examples for r in have))
         acc = torch.zeros_like(g, dtype=torch.float64)
         for r in have:
-            acc += (r.arrays[name].to(torch.float64) - g.to(torch.float64)) * (r.num_examples / total)
+            acc += (r.arrays[name].to(g.device, torch.float64) - g.to(torch.float64)) * (r.num_examples / total)
         out[name] = acc
     return out
 

@@ -42,3 +42,34 @@ def test_client_strategy_trains_on_cuda(name):
 @pytest.mark.parametrize("name", STRATEGIES.names())
 def test_server_strategy_client_half_on_cuda(name):
     _one_round([f"strategy.name={name}"])
+
+
+def _server_round(name, device):
+    """The server half: one round aggregated and evaluated with the global state on the device, as the engine
+    runs it (replies arrive on the CPU from the transport)."""
+    from fedshift.strategies.base import ClientReply
+
+    s = load_scenario("default", [f"backend.device={device}", "output.tensorboard=false", f"strategy.name={name}",
+                                  "clients_per_round=4"])
+    client, server = World.build(s, on_worker=True), World.build(s, on_worker=False)
+    server.strategy.initialize(server.model)
+    cohort = [ClientSpec(0, 0), ClientSpec(1, 0), ClientSpec(s.data.clients_per_mode, 1),
+              ClientSpec(s.data.clients_per_mode + 1, 1)]
+    tests = {m: (torch.from_numpy(x).to(server.device), torch.from_numpy(y).to(server.device))
+             for m, (x, y) in server.federation.test.items()}
+    for t in range(2):
+        replies = []
+        for ins, spec in zip(server.strategy.configure_train(t, cohort), cohort):
+            res, _ = client.run_client(ins, t, {})
+            replies.append(ClientReply(spec.cid, spec.mode, res.num_examples,
+                                       {k: v.detach().to("cpu", copy=True) for k, v in res.arrays.items()},
+                                       res.metrics, res.stats))
+        server.strategy.aggregate_train(t, replies)
+        row = server.strategy.evaluate(tests, s.eval.batch_size)
+        assert 0.0 <= row["eval/all/accuracy"] <= 1.0
+    assert all(v.device.type == server.device.type for v in server.strategy.global_model().state_dict().values())
+
+
+@pytest.mark.parametrize("name", STRATEGIES.names())
+def test_server_strategy_server_half_on_cuda(name):
+    _server_round(name, "cuda")

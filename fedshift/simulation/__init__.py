@@ -1,5 +1,22 @@
-"""The simulation runtime: Flower ServerApp/ClientApp on the Ray backend."""
+"""The simulation runtime: Flower ServerApp/ClientApp on the Ray backend.
 
-from .engine import RunResult, Simulation, run_many, run_scenario
+The engine (and with it flwr and Ray) is imported on first use, so that ``fedshift.simulation.world`` (the client
+work, the in-process loops of the benchmarks and the GPU check) imports without Flower installed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine import RunResult, Simulation, run_many, run_scenario
 
 __all__ = ["RunResult", "Simulation", "run_many", "run_scenario"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

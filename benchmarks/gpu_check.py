@@ -1,0 +1,181 @@
+"""The GPU check, in process (no Flower, no Ray): run by ``benchmarks/gpu_check.sh``.
+
+Parts (each can be chosen with ``--parts``):
+
+- ``tests``: ``tests/test_gpu.py`` (every client strategy and every server strategy's client half, one round on CUDA);
+- ``A`` / ``C``: ``fedshift bench`` workloads A and C through the raw in-process loop (``fedshift.bench.bench_raw``)
+  on the device;
+- ``emnist``: paper-shaped EMNIST on synthetic data (62 classes, 28x28, 3,383 + 3,400 clients, 81,403 test examples),
+  FedTKM with an evaluation every round: seconds per round, of which evaluation;
+- ``cifar``: paper-shaped CIFAR on synthetic data (3x24x24, 110 classes, ``resnet18_gn``), FedTKM, the same timings.
+
+Writes one JSON file (``--json``) with the machine named, and prints a summary. Without CUDA it exits 0 after saying
+so, unless ``--allow-cpu`` (the dry run that checks the script itself on a CPU machine, with tiny sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _machine(device: str) -> dict:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), "unknown")
+    return {"device": device, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+            "cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda}
+
+
+def part_tests(timeout: int) -> dict:
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        rc = proc.returncode
+    except subprocess.TimeoutExpired as e:
+        tail, rc = [f"timed out after {timeout} s", *(str(e.stdout or "").splitlines()[-10:])], 124
+    print("\n".join(tail))
+    return {"returncode": rc, "seconds": round(time.perf_counter() - t0, 1), "tail": tail}
+
+
+def part_workload(workload: str, rounds: int, device: str, tiny: bool) -> dict:
+    from fedshift.bench import bench_raw, workload_scenario
+
+    # the dry run checks the code path, not speed: ResNet-18 on 24x24 maps takes minutes a round on 2 CPU cores
+    small = ["clients_per_round=2", "data.clients_per_mode=4", "data.dataset.train_size=80"] if tiny else []
+    s = workload_scenario(workload, rounds, [f"backend.device={device}", *small])
+    r = bench_raw(s)
+    print(f"workload {workload} raw on {device}: {r['s_per_round']:.4f} s/round, "
+          f"{r['client_updates_per_s']:.1f} updates/s ({rounds} rounds)")
+    return r
+
+
+PAPER = {
+    # EMNIST shaped: the paper's pools (3,383 day writers, 3,400 night), 62 classes, emnist_cnn, ~81k test examples.
+    "emnist": ["data.dataset={name: synthetic, shape: [1, 28, 28], classes: 62, train_size: 230000, "
+               "test_size: 40702}",
+               "modes={day: {}, night: {transform: [invert]}}", "data.clients_per_mode=3400",
+               "model={architecture: emnist_cnn}", "client.lr=0.001", "client.batch_size=20"],
+    # CIFAR shaped: 3x24x24 crops, 110 outputs (CIFAR-10 + CIFAR-100), resnet18_gn, 10k test examples per mode.
+    "cifar": ["data.dataset={name: synthetic, shape: [3, 24, 24], classes: 110, train_size: 100000, "
+              "test_size: 10000}",
+              "modes={day: {}, night: {transform: [invert]}}", "data.clients_per_mode=500",
+              "model={architecture: resnet18_gn}", "client.lr=0.01", "client.batch_size=20"],
+}
+TINY = ["data.dataset.train_size=80", "data.dataset.test_size=20", "data.clients_per_mode=4",
+        "clients_per_round=2"]
+
+
+def part_paper(task: str, rounds: int, device: str, tiny: bool) -> dict:
+    """FedTKM, evaluation every round, the engine's round loop in one process (as benchmarks/fedtkm_inprocess.py)."""
+    from fedshift import load_scenario
+    from fedshift.shift import ModeSampler
+    from fedshift.simulation.world import World
+    from fedshift.strategies.base import ClientReply, ClientSpec
+
+    s = load_scenario("default", [f"name=gpu-check-{task}", f"rounds={rounds}", "clients_per_round=10",
+                                  "shift.period=32", "eval.every=1", "output.tensorboard=false",
+                                  "output.save_model=false", f"backend.device={device}", "strategy.name=fedtkm",
+                                  "client.local_epochs=1", *PAPER[task], *(TINY if tiny else [])])
+    t0 = time.perf_counter()
+    client = World.build(s, on_worker=True)
+    server = World.build(s, on_worker=False)
+    build_s = time.perf_counter() - t0
+    strategy = server.strategy
+    strategy.initialize(server.model)
+    fed = client.federation
+    sampler = ModeSampler(strategy.setup.schedule, fed.pools(), s.clients_per_round, s.seed)
+    tests = {m: (torch.from_numpy(x).to(server.device), torch.from_numpy(y).to(server.device))
+             for m, (x, y) in fed.test.items()}
+    n_test = sum(len(y) for _, y in tests.values())
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    round_s, eval_s, acc = [], [], None
+    for t in range(s.rounds):
+        t1 = time.perf_counter()
+        cohort = [ClientSpec(cid, mode) for cid, mode in sampler.cohort(t)]
+        replies = []
+        for ins, spec in zip(strategy.configure_train(t, cohort), cohort):
+            res, _ = client.run_client(ins, t, {})
+            replies.append(ClientReply(spec.cid, spec.mode, res.num_examples,
+                                       {k: v.detach().to("cpu", copy=True) for k, v in res.arrays.items()},
+                                       res.metrics, res.stats))  # as the transport delivers them
+        strategy.aggregate_train(t, replies)
+        sync()
+        t2 = time.perf_counter()
+        row = strategy.evaluate(tests, s.eval.batch_size)
+        sync()
+        t3 = time.perf_counter()
+        round_s.append(t3 - t1)
+        eval_s.append(t3 - t2)
+        acc = row.get("eval/all/accuracy", acc)
+    steady = slice(1, None) if len(round_s) > 2 else slice(None)
+    out = {"rounds": rounds, "test_examples": n_test, "clients": sum(len(p) for p in fed.pools()),
+           "build_s": round(build_s, 2), "s_per_round_median": statistics.median(round_s[steady]),
+           "eval_s_median": statistics.median(eval_s[steady]),
+           "train_s_median": statistics.median([a - b for a, b in zip(round_s, eval_s)][steady]),
+           "last_accuracy": acc}
+    print(f"{task} FedTKM in process on {device}: {out['s_per_round_median']:.3f} s/round, of which evaluation "
+          f"{out['eval_s_median']:.3f} s over {n_test} examples (build {build_s:.1f} s)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--parts", default="tests,A,C,emnist,cifar")
+    ap.add_argument("--allow-cpu", action="store_true", help="dry run on CPU with tiny sizes")
+    ap.add_argument("--test-timeout", type=int, default=240)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.allow_cpu:
+        print("gpu_check: no CUDA device here; nothing to check (use --allow-cpu for a dry run)")
+        return 0
+    device = "cuda" if cuda else "cpu"
+    dry = not cuda
+    report = {"machine": _machine(device), "dry_run": dry, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "parts": {}}
+    parts = args.parts.split(",")
+    t_all = time.perf_counter()
+    steps = {
+        "tests": lambda: part_tests(args.test_timeout),
+        "A": lambda: part_workload("A", 4 if dry else 30, device, dry),
+        "C": lambda: part_workload("C", 3 if dry else 20, device, dry),
+        "emnist": lambda: part_paper("emnist", 3 if dry else 20, device, dry),
+        "cifar": lambda: part_paper("cifar", 3 if dry else 10, device, dry),
+    }
+    for name in parts:
+        t0 = time.perf_counter()
+        try:
+            report["parts"][name] = steps[name]()
+        except Exception as e:  # one part failing must not lose the others' figures
+            import traceback
+
+            report["parts"][name] = {"error": f"{type(e).__name__}: {e}",
+                                     "traceback": traceback.format_exc().splitlines()[-12:]}
+            print(f"part {name} failed:\n{traceback.format_exc()}")
+        report["parts"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
+        if args.json:  # written after every part, so a timeout keeps what finished
+            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    report["wall_s"] = round(time.perf_counter() - t_all, 1)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
