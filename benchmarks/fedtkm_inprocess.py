@@ -10,8 +10,9 @@ suits ERM clients only.
     python benchmarks/fedtkm_inprocess.py LABEL [key=value ...] [--scenario default] [--seeds 0 1 2]
     python benchmarks/fedtkm_inprocess.py tkm-ls strategy.name=fedtkm strategy.label_smooth_w=0.5 strategy.label_smooth_eps=0.1
 
-Prints the accuracy averaged over the last period (all test examples), mean +- sample std over the seeds, and
-the branch accuracy of multi-branch strategies.
+Prints the accuracy averaged over the last period (all test examples), mean +- sample std over the seeds, under
+the test-client vote and, for multi-branch strategies, per-example routing and the reference's protocol, with the
+routing accuracies (labelled and permutation-free; docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -62,13 +63,21 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
     results = [last_period(args.scenario, [f"seed={seed}", *args.overrides]) for seed in args.seeds]
+    def stat(key):
+        v = [r[key] for r in results if key in r]
+        return (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else None
+
     acc = [r["eval/all/accuracy"] for r in results]
-    spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
-    line = f"{args.label} ({args.scenario}): all {statistics.mean(acc):.3f} +- {spread:.3f}"
-    branch = [r["eval/all/branch_accuracy"] for r in results if "eval/all/branch_accuracy" in r]
-    if branch:
-        line += f", branch accuracy {statistics.mean(branch):.3f}"
-    print(line, "per seed:", [round(a, 3) for a in acc])
+    mean, spread = stat("eval/all/accuracy")
+    line = f"{args.label} ({args.scenario}): all {mean:.3f} +- {spread:.3f} (test-client vote)"
+    for key, name in [("accuracy_per_example", "per example"), ("accuracy_reference", "reference"),
+                      ("branch_accuracy", "routing vote"), ("branch_accuracy_matched", "matched"),
+                      ("branch_accuracy_per_example", "routing per example"),
+                      ("branch_accuracy_per_example_matched", "matched")]:
+        got = stat(f"eval/all/{key}")
+        if got:
+            line += f", {name} {got[0]:.3f} +- {got[1]:.3f}"
+    print(line, "; per seed:", [round(a, 3) for a in acc])
 
 
 if __name__ == "__main__":

@@ -17,16 +17,22 @@ again (under a directory named by the overrides, the rounds included), so an int
 where it stopped.
 
 The paper's settings (needs the downloads of scenarios/emnist.yaml and scenarios/cifar.yaml and a GPU; 2049
-rounds, period 32, client SGD 1e-3, server Adam 0.1, eps 1e-4, as in those files):
+rounds, period 32, client SGD 1e-3, server Adam 0.1, eps 1e-4 in Keras' form (eps_convention keras, as the
+reference), as in those files):
 
     python benchmarks/reproduce_fedtkm.py --paper --set backend.num_gpus=0.25
 
 adds the published FedTKM label smoothing (EMNIST 0.5 / 0.1; CIFAR 0.1 / 0.5 with zero_mid) to the
 multi-branch strategies that use it (fedtkm, fedtkm without prior, fedtem, oracle).
 
-The table: mean +- standard deviation over the seeds of ``eval/<mode>/accuracy`` averaged over the evaluation
-rounds of the last period (for multi-branch strategies the paper's protocol: each group of up to
-eval.batch_size test examples of one mode votes one branch), and the branch (head-selection) accuracy.
+The table: mean +- standard deviation over the seeds of the accuracy averaged over the evaluation rounds of the
+last period, under the three evaluation protocols (docs/evaluation.md): the test-client vote (each test client of
+one mode, sized like the training clients, picks one branch from its own inputs: the headline ``accuracy``, also
+per mode), per-example routing, and the reference's protocol (each mode's part of a mixed 64-example batch votes).
+Then the routing (head-selection) accuracy: labelled (branch k = mode k) under the vote and per example, and
+permutation-free (the best matching of branches to modes) under the vote and per example. One-branch strategies
+route nothing: their three accuracies are equal and their routing cells are empty. oracle and pluralistic route
+by the true mode, which no deployed system knows.
 """
 
 from __future__ import annotations
@@ -112,13 +118,19 @@ def cell(values: list[float]) -> str:
     return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) else "-"
 
 
+COLUMNS = [("vote", "accuracy"), ("per example", "accuracy_per_example"), ("reference", "accuracy_reference")]
+ROUTING = [("vote", "branch_accuracy"), ("vote, matched", "branch_accuracy_matched"),
+           ("per ex.", "branch_accuracy_per_example"), ("per ex., matched", "branch_accuracy_per_example_matched")]
+
+
 def table(scenario: str, modes: list[str], results: dict[str, list[dict]]) -> str:
-    cols = [*modes, "all", "branch acc."]
-    lines = [f"## {scenario}: accuracy over the last period, mean ± std over {len(next(iter(results.values())))} seeds",
+    cols = [*(f"{m} (vote)" for m in modes), *(f"all ({c})" for c, _ in COLUMNS), *(f"routing ({c})" for c, _ in ROUTING)]
+    lines = [f"## {scenario}: last period, mean ± std over {len(next(iter(results.values())))} seeds",
              "", "| strategy | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for strategy, runs in results.items():
-        row = [cell([r.get(f"eval/{m}/accuracy") for r in runs]) for m in [*modes, "all"]]
-        row.append(cell([r.get("eval/all/branch_accuracy") for r in runs]))
+        row = [cell([r.get(f"eval/{m}/accuracy") for r in runs]) for m in modes]
+        row += [cell([r.get(f"eval/all/{key}", r.get("eval/all/accuracy")) for r in runs]) for _, key in COLUMNS]
+        row += [cell([r.get(f"eval/all/{key}") for r in runs]) for _, key in ROUTING]
         lines.append(f"| {strategy} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 

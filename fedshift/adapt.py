@@ -253,7 +253,8 @@ class Tent(TestTimeAdaptation):
     def problem(self, model: nn.Module) -> str | None:
         if not normalisation_parameters(model):
             return ("Tent updates the affine parameters of normalisation layers (BatchNorm, GroupNorm, LayerNorm) "
-                    "and this model has none; use a model with normalisation (e.g. model.norm: batch or group)")
+                    "and this model has none; use a model with normalisation (e.g. model.norm: batch or group; "
+                    "resnet18_gn's GroupNorm has them with model.affine: true)")
         return None
 
     def stream(self, model: nn.Module) -> AdaptedStream:

@@ -9,6 +9,7 @@ defaults, so a resolved scenario re-runs exactly as it ran.
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -120,13 +121,26 @@ class ClientConfig(NamedComponent):
     local_epochs: PositiveInt = Field(1, description="passes over the local data per round")
     batch_size: PositiveInt = Field(20, description="local batch size")
     max_steps: PositiveInt | None = Field(None, description="cap on local optimizer steps per round")
+    max_examples: PositiveInt | None = Field(
+        None, description="cap on the examples a client uses per round: a client with more uses a random N of them "
+                          "(drawn anew each round from its round seed) in every pass of the round (a strategy's votes "
+                          "and statistics too, and its reported num_examples); null: all. The FedTKM reference's "
+                          "max_elements_per_client")
     augment: list[ComponentRef] = Field(default_factory=list, description="augmentations of every training batch, on "
                                         "the training device, in order (see Augmentations)")
 
 
 class EvalConfig(StrictModel):
     every: PositiveInt = Field(1, description="evaluate every N rounds (and always after the last)")
-    batch_size: PositiveInt = Field(256, description="test batch size (also the vote group size of multi-branch evaluation)")
+    batch_size: PositiveInt = Field(256, description="test batch size of the forward pass (and the stream batch of "
+                                    "test-time adaptation); it does not change the metrics without adaptation")
+    client_size: PositiveInt | Literal["train"] = Field(
+        "train", description="multi-branch evaluation: each mode's test split is cut into test clients that each "
+                             "choose one branch from their own inputs (eval/<mode>/accuracy); 'train': their sizes "
+                             "follow that mode's training clients' sizes, or a number: all that size")
+    reference_batch: PositiveInt = Field(64, description="the reference's protocol (eval/<mode>/accuracy_reference): "
+                                         "all modes' test examples mixed in batches of this size, each mode's part "
+                                         "of a batch votes (64 in the FedTKM authors' code)")
     adapt: ComponentRef = Field("none", description="test-time adaptation on each mode's test stream (see Test-time "
                                 "adaptation): none, bn_adapt, tent")
     ood: list[Literal["msp", "maxlogit"]] = Field(default_factory=list, description="per-branch scores of in-mode vs "
@@ -210,6 +224,24 @@ class Scenario(StrictModel):
 # --------------------------------------------------------------------------------------------------- loading
 
 
+class ScenarioLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, but numbers in scientific notation without a dot or without an exponent sign
+    (``1e-4``, ``1E-4``, ``-2e3``, ``5e+2``, ``1.5e3``) are floats, as in YAML 1.2 (YAML 1.1 reads them as
+    strings). Only whole scalars that are such numbers: ``e5`` or ``1e-4x`` stay strings, quoted ones too. The
+    global SafeLoader is unchanged."""
+
+
+ScenarioLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with ScenarioLoader: how scenario files and ``--set`` values are read."""
+    return yaml.load(text, Loader=ScenarioLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def builtin_scenarios() -> dict[str, str]:
     """Built-in scenario names -> their YAML text."""
     root = resources.files("fedshift.scenarios")
@@ -238,7 +270,7 @@ def read_scenario_source(path_or_name: str | None) -> tuple[dict[str, Any], str,
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -262,7 +294,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key or any(not part for part in key.split(".")):
             raise ScenarioError([("--set", f"{item!r} is not of the form key.path=value")])
         try:
-            parsed = yaml.safe_load(value) if value.strip() else None
+            parsed = load_yaml(value) if value.strip() else None
         except yaml.YAMLError:
             raise ScenarioError([(key, f"--set value {value!r} is not valid YAML")]) from None
         node = raw

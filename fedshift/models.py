@@ -11,6 +11,7 @@ from typing import ClassVar, Literal, NamedTuple
 import math
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -97,12 +98,12 @@ class MLP(Architecture):
         return nn.Sequential(*layers)
 
 
-def norm_layer(kind: str, channels: int, groups: int) -> nn.Module:
+def norm_layer(kind: str, channels: int, groups: int, eps: float = 1e-5, affine: bool = True) -> nn.Module:
     """``batch`` (BatchNorm2d), ``group`` (GroupNorm with ``groups`` groups, fewer if channels need) or none."""
     if kind == "batch":
-        return nn.BatchNorm2d(channels)
+        return nn.BatchNorm2d(channels, eps=eps, affine=affine)
     if kind == "group":
-        return nn.GroupNorm(math.gcd(groups, channels), channels)
+        return nn.GroupNorm(math.gcd(groups, channels), channels, eps=eps, affine=affine)
     return nn.Identity()
 
 
@@ -157,33 +158,103 @@ class EMNISTCNN(CNN):
     default_feature_dim = 128
 
 
-class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, groups: int, norm: str = "group"):
+def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(before, after) padding of TensorFlow/Keras ``padding='same'`` along one dimension: the output is
+    ceil(size / stride), and an odd total puts the extra row/column after (bottom/right)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SamePad2d(nn.Module):
+    """Keras ``padding='same'`` in front of an unpadded strided convolution. PyTorch's symmetric padding gives
+    the same output size but, where the total is odd, pads one more row/column before and never reads the last
+    padded one; this pads exactly as Keras does. ``padding_mode``: zeros, reflect or circular (set by
+    ``model.padding`` like the convolutions' own)."""
+
+    def __init__(self, kernel: int, stride: int):
         super().__init__()
+        self.kernel, self.stride = kernel, stride
+        self.padding_mode = "zeros"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = same_pads(x.shape[-2], self.kernel, self.stride)
+        left, right = same_pads(x.shape[-1], self.kernel, self.stride)
+        if self.padding_mode == "zeros":
+            return F.pad(x, (left, right, top, bottom))
+        return F.pad(x, (left, right, top, bottom), mode=self.padding_mode)
+
+
+class SameMaxPool2d(nn.MaxPool2d):
+    """Keras ``MaxPooling2D(padding='same')``: padded cells are -inf (they never win), placed as in
+    ``SamePad2d``."""
+
+    def __init__(self, kernel: int, stride: int):
+        super().__init__(kernel, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = same_pads(x.shape[-2], self.kernel_size, self.stride)
+        left, right = same_pads(x.shape[-1], self.kernel_size, self.stride)
+        return super().forward(F.pad(x, (left, right, top, bottom), value=float("-inf")))
+
+
+def keras_he_normal_(conv: nn.Conv2d) -> None:
+    """Keras's ``he_normal``: a normal of std sqrt(2 / fan_in), truncated at two standard deviations (the std
+    is divided by 0.8796..., the std of the truncated unit normal, so the result has the intended spread)."""
+    fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+    std = math.sqrt(2.0 / fan_in) / 0.87962566103423978
+    nn.init.trunc_normal_(conv.weight, 0.0, std, -2 * std, 2 * std)
+
+
+class _PreActBlock(nn.Module):
+    """ResNet v2 basic block (He et al., "Identity Mappings in Deep Residual Networks", 2016):
+    norm -> ReLU -> conv 3x3 -> norm -> ReLU -> conv 3x3, plus the shortcut. ``preact: False`` drops the
+    leading norm -> ReLU (the first block after the stem, whose output is already normalised and activated).
+    The shortcut is the block's input, or, where the channels or the stride change, a 1x1 convolution and a
+    norm of that input (the raw input, not its normalised activation: as the reference's ``_shortcut``)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm, preact: bool = True):
+        super().__init__()
+        self.preact = preact
+        self.norm1 = norm(cin) if preact else nn.Identity()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.norm1 = norm_layer(norm, cout, groups)
+        self.norm2 = norm(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.norm2 = norm_layer(norm, cout, groups)
-        self.shortcut = nn.Sequential()
+        self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(norm, cout, groups))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
 
     def forward(self, x):
-        out = torch.relu(self.norm1(self.conv1(x)))
-        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+        out = self.conv1(torch.relu(self.norm1(x)) if self.preact else x)
+        return self.conv2(torch.relu(self.norm2(out))) + self.shortcut(x)
 
 
 class ResNetParams(ComponentParams):
-    groups: int = Field(2, ge=1, description="GroupNorm groups (the paper uses 2)")
-    strides: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], description="stage strides (the paper: all 1)")
-    width: int = Field(64, ge=8, description="channels of the first stage (doubled per stage)")
-    norm: Literal["group", "batch"] = Field("group", description="GroupNorm (the paper) or BatchNorm (for BN-Adapt/Tent "
-                                                                 "studies)")
+    groups: int = Field(2, ge=1, description="GroupNorm groups (the reference: 2)")
+    strides: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], description="stage strides (the reference: all "
+                               "1); a stride s > 1 strides the first block's first convolution and its shortcut")
+    width: int = Field(64, ge=8, description="channels of the stem and the first stage (doubled per stage)")
+    norm: Literal["group", "batch"] = Field("group", description="GroupNorm (the reference) or BatchNorm (for "
+                                                                 "BN-Adapt/Tent studies)")
+    affine: bool | None = Field(None, description="learned scale and shift in the norms; null: the reference's, none "
+                                "for GroupNorm (tff's GroupNormalization), both for BatchNorm (Keras's). Tent adapts "
+                                "only these: set true for Tent on GroupNorm")
+    stem: Literal["reference", "cifar"] = Field("reference", description="reference: conv 7x7 stride 2 -> norm -> "
+                                                "ReLU -> max-pool 3x3 stride 2 (24x24 -> 6x6); cifar: conv 3x3 "
+                                                "stride 1 -> norm -> ReLU, no pooling (the common CIFAR ResNet "
+                                                "stem: stages at full resolution, about 16x the compute)")
 
 
 @ARCHITECTURES.register("resnet18_gn")
 class ResNet18GN(Architecture):
-    """ResNet-18 with GroupNorm, as the paper's CIFAR model; the pooled last-stage output is the feature."""
+    """The FedTKM reference's ResNet-18 (v2, pre-activation, GroupNorm); the pooled 512-d output is the feature.
+
+    As google-research/federated periodic_distribution_shift/models/dual_branch_resnet_models.py
+    (``create_resnet18``): stem conv 7x7 stride 2 (no bias) -> norm -> ReLU -> max-pool 3x3 stride 2, Keras
+    'same' padding (24x24 -> 12x12 -> 6x6; 32x32 -> 16x16 -> 8x8); four stages of two pre-activation basic
+    blocks, 64-128-256-512 filters, stride 1 (the stages keep the 6x6 map); then norm -> ReLU -> global average
+    pool. GroupNorm: 2 groups, eps 1e-3, no affine parameters. Convolutions are initialised with Keras's
+    he_normal, the heads N(0, 0.01) with zero bias. ``stem: cifar`` swaps in a 3x3 stride-1 stem without pooling
+    (not the reference: for comparisons with CIFAR ResNets that keep 32x32 maps)."""
 
     name = "resnet18_gn"
     Params = ResNetParams
@@ -191,21 +262,42 @@ class ResNet18GN(Architecture):
     feature_maps = True
 
     @classmethod
+    def build(cls, input_shape, num_classes, branches, feature_dim, params):
+        model = super().build(input_shape, num_classes, branches, feature_dim, params)
+        for head in model.heads:
+            nn.init.normal_(head.weight, 0.0, 0.01)
+            nn.init.zeros_(head.bias)
+        return model
+
+    @classmethod
     def trunk(cls, input_shape, feature_dim, params):
         c = input_shape[0]
         w = params.width
-        layers: list[nn.Module] = [nn.Conv2d(c, w, 3, 1, 1, bias=False), norm_layer(params.norm, w, params.groups),
-                                   nn.ReLU()]
+        group = params.norm == "group"
+        affine = not group if params.affine is None else params.affine
+
+        def norm(channels: int) -> nn.Module:  # eps: tff's GroupNormalization 1e-3, the reference's BatchNorm 1e-5
+            return norm_layer(params.norm, channels, params.groups, eps=1e-3 if group else 1e-5, affine=affine)
+
+        if params.stem == "reference":
+            layers: list[nn.Module] = [SamePad2d(7, 2), nn.Conv2d(c, w, 7, 2, bias=False), norm(w), nn.ReLU(),
+                                       SameMaxPool2d(3, 2)]
+        else:
+            layers = [nn.Conv2d(c, w, 3, 1, 1, bias=False), norm(w), nn.ReLU()]
         cin = w
         for stage, stride in enumerate(params.strides):
             cout = w * 2 ** stage
-            layers += [_BasicBlock(cin, cout, stride, params.groups, params.norm),
-                       _BasicBlock(cout, cout, 1, params.groups, params.norm)]
+            layers += [_PreActBlock(cin, cout, stride, norm, preact=stage > 0),
+                       _PreActBlock(cout, cout, 1, norm)]
             cin = cout
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers += [norm(cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         if cin != feature_dim:
             layers += [nn.Linear(cin, feature_dim), nn.ReLU()]
-        return nn.Sequential(*layers)
+        trunk = nn.Sequential(*layers)
+        for m in trunk.modules():
+            if isinstance(m, nn.Conv2d):
+                keras_he_normal_(m)
+        return trunk
 
 
 def probe_forward(net: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -> torch.Tensor:

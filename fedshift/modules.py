@@ -357,8 +357,12 @@ def feature_map_architectures() -> list[str]:
 def set_padding_mode(model: nn.Module, mode: str, architecture: str) -> int:
     """Use ``mode`` (reflect, circular, zeros) in every padded convolution; returns how many. 'Mind the Pad'
     (Alsallakh et al. ICLR 2021): zero padding puts a border into the feature maps. An architecture without a
-    padded convolution is a ScenarioError naming it."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and any(p > 0 for p in _pads(m))]
+    padded convolution is a ScenarioError naming it. Keras-'same' pads in front of unpadded convolutions
+    (``SamePad2d``: resnet18_gn's strided stem) take the mode too."""
+    from .models import SamePad2d
+
+    convs = [m for m in model.modules() if (isinstance(m, nn.Conv2d) and any(p > 0 for p in _pads(m)))
+             or isinstance(m, SamePad2d)]
     if not convs:
         raise ScenarioError([("model.padding", f"{mode!r} changes padded convolutions; architecture {architecture!r} "
                                                "has none here (with cnn/emnist_cnn set model.pad >= 1)")])

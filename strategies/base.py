@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -121,6 +121,8 @@ class StrategySetup:
     seed: int
     rounds: int
     eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation settings: pass to evaluate_routed
+    # each mode's training clients' sizes: the test clients of the deployment protocol follow them
+    client_sizes: dict[str, list[int]] | None = None
 
 
 class ServerOptimizerConfig(ComponentParams):
@@ -133,6 +135,13 @@ class ServerOptimizerConfig(ComponentParams):
     beta1: float = Field(0.9, ge=0, lt=1, description="adam only")
     beta2: float = Field(0.999, ge=0, lt=1, description="adam only")
     eps: float = Field(1e-8, gt=0, description="adam only")
+    eps_convention: Literal["torch", "keras"] = Field(
+        "torch", description="adam only: where eps enters the step. With d the mean client update "
+        "(= -pseudo-gradient), m = b1 m + (1-b1) d, v = b2 v + (1-b2) d^2, t = this array's step count: "
+        "torch: w += lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps) (PyTorch; Reddi et al.); "
+        "keras: w += lr sqrt(1-b2^t) / (1-b1^t) m / (sqrt(v) + eps) (Keras/TF's 'epsilon hat', the FedTKM "
+        "reference's), i.e. torch's form with eps / sqrt(1-b2^t) in place of eps. They differ where sqrt(v_hat) "
+        "is not much larger than eps")
 
 
 class StrategyParams(ComponentParams):
@@ -186,10 +195,22 @@ class ServerStrategy:
 
     def evaluate(self, test_sets: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> dict[str, float]:
         """Centralized evaluation of the global model on each mode's test set (``eval/<mode>/...``)."""
-        from fedshift.evaluation import evaluate_modes
+        from fedshift.evaluation import vote_route
 
-        return evaluate_modes(self.global_model(), test_sets, self.select_branches, batch_size,
-                              self.setup.eval if self.setup else None)
+        return self.evaluate_route(vote_route(self.select_branches), test_sets, batch_size)
+
+    def evaluate_route(self, route, test_sets: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int,
+                       model_of_mode=None) -> dict[str, float]:
+        """Evaluate with a ``fedshift.evaluation.Route`` under the scenario's evaluation settings and protocols
+        (``model_of_mode(k)``: the model for mode k's test set; default the global model for every mode)."""
+        from fedshift.evaluation import evaluate_routed
+
+        if model_of_mode is None:
+            model = self.global_model()
+            model_of_mode = (lambda mode: model)
+        setup = self.setup
+        return evaluate_routed(model_of_mode, test_sets, route, batch_size, setup.eval if setup else None,
+                               setup.client_sizes if setup else None, setup.seed if setup else 0)
 
     def state_dict(self) -> dict[str, Any]:
         """Server state beyond the model weights (optimizer moments, centers, ...), for checkpoints."""

@@ -5,7 +5,8 @@ server momentum / Adam as in Reddi et al., "Adaptive Federated Optimization", IC
 
 Parameters:
     server_optimizer: name (sgd | momentum | adam, default sgd), lr (1.0), momentum (0.9), beta1 (0.9),
-        beta2 (0.999), eps (1e-8). sgd with lr 1.0 is McMahan's example-weighted average.
+        beta2 (0.999), eps (1e-8), eps_convention (torch | keras: where adam's eps enters, see
+        ServerOptimizerConfig). sgd with lr 1.0 is McMahan's example-weighted average.
 
 Every client trains the single branch with cross-entropy from logits (the reference code's double softmax
 is not copied). Updates with a non-finite entry, and failed clients, get weight 0 and are counted.

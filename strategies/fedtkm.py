@@ -54,12 +54,15 @@ Parameters (defaults):
     anchor (None): in a round whose cohort the prior schedule expects to be at least this share of one mode
         (the schedule at round r, not lagged), every client takes that mode's center, for its branch and its
         statistics, instead of voting; and the distance scales stay 1 until every center has been updated
-        once. Must be reached by every center within the run (a validation error otherwise).
+        once. Must be reached by every center within the run (a validation error otherwise). This is exact
+        schedule knowledge: with anchor 0.95 and a linear schedule of even period T < 40 the anchored rounds are
+        exactly the pure ones (q = 1 or 0), whose whole cohort gets the known mode's branch and center, i.e.
+        oracle supervision in 2 of every T rounds; a real system has that only if it knows the schedule exactly.
     stats_model ("trained"): the model whose features give the center statistics (step 4): the locally
         trained one, as the reference, or the received one, which is also the model that votes (step 1)
         and the one evaluated, so centers, votes and test routing share one feature space.
     server_optimizer: name (sgd), lr (1.0), momentum (0.9), beta1 (0.9), beta2 (0.999), eps (1e-8); the
-        paper uses adam, lr 0.1, eps 1e-4.
+        paper uses adam, lr 0.1, eps 1e-4 with Keras' eps (eps_convention: keras; the reference is Keras).
 
 Beyond the reference (opt-in; defaults reproduce it): ``center_lr`` < 1, ``anchor`` and ``stats_model:
 received``; used together with a small ``geo_lr`` (0.02) they are what docs/strategies.md calls the anchored

@@ -7,18 +7,22 @@ index), trains the trunk and that head (cross-entropy), and sends them back; the
 over all clients and each head among the clients that picked it. Nothing ties a head to a mode: the
 branch/mode correspondence is whatever the clustering settles on.
 
-Test time, the same way: each example picks the head with its lowest loss (``accuracy_per_example``), each
-group of up to ``eval.batch_size`` examples of one mode picks the head with the lowest mean loss over the
-group (``accuracy``). Like the paper's own evaluation this reads the test labels to choose the head.
+Test time: a deployed test client has no labels, so by default (``test_route: inputs``) each example picks the
+head with the lowest loss against its own prediction (the most confident head: the largest max softmax), and a
+test client picks the head with the lowest such loss summed over its inputs. The paper's own evaluation picks
+by the loss on the test labels (the clients' labelled local data, as in training): ``test_route: labels``
+reproduces it and reads labels a deployed device does not have.
 
 Parameters (defaults):
     k (None = one per mode): number of heads (clusters).
+    test_route (inputs): how test examples choose a head: inputs (own-prediction loss) or labels (the paper's).
     server_optimizer: name (sgd), lr (1.0), momentum (0.9), beta1 (0.9), beta2 (0.999), eps (1e-8).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +30,7 @@ from pydantic import Field
 
 from fedshift.clients.base import ClientData, TrainTask
 from fedshift.data.federation import UNLABELLED
-from fedshift.evaluation import evaluate_routed
+from fedshift.evaluation import Routing
 from fedshift.models import ModelOutput, MultiBranchNet
 
 from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec, StrategyParams
@@ -35,6 +39,10 @@ from .multibranch import MultiBranchStrategy, usable_replies
 
 class IFCAParams(StrategyParams):
     k: int | None = Field(None, ge=2, description="heads (clusters); default one per mode")
+    test_route: Literal["inputs", "labels"] = Field(
+        "inputs", description="how test examples choose a head: inputs (the lowest loss against the head's own "
+                              "prediction, i.e. the most confident head; what a device without labels can do) or "
+                              "labels (the lowest loss on the test labels, as the paper evaluates)")
 
 
 def head_losses(output: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
@@ -76,12 +84,16 @@ class IFCA(MultiBranchStrategy):
         return self.round_metrics(ok, counts)
 
     def evaluate(self, test_sets, batch_size: int) -> dict[str, float]:
-        def lowest_loss(output, labels, mode):
-            losses = head_losses(output, labels)
-            return losses.argmin(1), int(losses.sum(0).argmin())
+        use_labels = self.params.test_route == "labels"
 
-        model = self.global_model()
-        return evaluate_routed(lambda mode: model, test_sets, lowest_loss, batch_size, self.setup.eval)
+        def lowest_loss(output, labels, mode):
+            if use_labels:
+                losses = head_losses(output, labels)
+            else:  # the loss against each head's own prediction: -log of its largest probability
+                losses = -output.logits.log_softmax(2).amax(2).reshape(len(labels), output.logits.shape[1], -1).sum(2)
+            return Routing(losses.argmin(1), -losses.double())
+
+        return self.evaluate_route(lowest_loss, test_sets, batch_size)
 
     def client_update(self, job: ClientJob) -> ClientResult:
         branch = int(local_head_losses(job.model, job.data).argmin())

@@ -3,7 +3,8 @@
 Not from a paper: FedTKM with perfect clustering (FEDTKM.md section 6, "an oracle that is told each client's
 mode"). The server reads each client's mode from the scenario (``ClientSpec.mode``) and tells it to train
 branch = mode with FedTKM's loss, CE(y, head_mode) + label_smooth_w * mean KL(smooth(y) || softmax(other
-heads)). At test time each mode's examples use their mode's branch.
+heads)). At test time each mode's examples use their mode's branch: the true mode, which a deployed device
+does not know, so every protocol scores the same and routing accuracy is 1.
 
 Parameters (defaults):
     label_smooth_w (0.0), label_smooth_eps (0.2): as in fedtkm, so that the two differ only in how the
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from fedshift.clients.base import TrainTask
-from fedshift.evaluation import evaluate_routed
+from fedshift.evaluation import votes
 
 from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec
 from .multibranch import LabelSmoothingParams, MultiBranchStrategy, branch_loss, one_hot, usable_replies
@@ -49,11 +50,11 @@ class Oracle(MultiBranchStrategy):
         return self.round_metrics(ok, counts)
 
     def evaluate(self, test_sets, batch_size: int) -> dict[str, float]:
-        def by_mode(output, labels, mode):
-            return torch.full((len(labels),), mode, dtype=torch.long, device=labels.device), mode
+        def by_mode(output, labels, mode):  # the true mode: knowledge a deployed device does not have
+            return votes(torch.full((len(labels),), mode, dtype=torch.long, device=labels.device),
+                         output.logits.shape[1])
 
-        model = self.global_model()
-        return evaluate_routed(lambda mode: model, test_sets, by_mode, batch_size, self.setup.eval)
+        return self.evaluate_route(by_mode, test_sets, batch_size)
 
     def client_update(self, job: ClientJob) -> ClientResult:
         p = self.params

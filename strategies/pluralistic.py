@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedshift.clients.base import TrainTask
-from fedshift.evaluation import evaluate_routed
 
 from .base import (STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec, ServerStrategy,
                    mean_metric)
@@ -61,8 +60,8 @@ class Pluralistic(ServerStrategy):
         return self.model_of_mode(0)
 
     def evaluate(self, test_sets, batch_size: int) -> dict[str, float]:
-        return evaluate_routed(self.model_of_mode, test_sets, lambda output, labels, mode: None, batch_size,
-                               self.setup.eval)
+        # each mode's test set with its mode's model: the true mode, which a deployed device does not know
+        return self.evaluate_route(lambda output, labels, mode: None, test_sets, batch_size, self.model_of_mode)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizers": [opt.state_dict() for opt in self.opts]}

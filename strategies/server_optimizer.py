@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +33,8 @@ def mean_update(global_arrays: dict[str, torch.Tensor], replies: Sequence[Client
 
 
 class ServerOptimizer:
-    """Keeps the global arrays and applies ``step(mean_update)``: sgd, momentum or adam on -update."""
+    """Keeps the global arrays and applies ``step(mean_update)``: sgd, momentum or adam on -update (adam's eps
+    where ``config.eps_convention`` says: PyTorch's form or Keras' "epsilon hat")."""
 
     def __init__(self, config: ServerOptimizerConfig, arrays: dict[str, torch.Tensor]):
         self.config = config
@@ -55,12 +57,15 @@ class ServerOptimizer:
             elif c.name == "momentum":
                 m = self.m[name] = c.momentum * self.m.get(name, torch.zeros_like(d)) + d
                 step = m
-            else:  # adam on the pseudo-gradient g = -d, with bias correction
+            else:  # adam on the pseudo-gradient g = -d, with bias correction (m and v of d: the signs cancel)
                 m = self.m[name] = c.beta1 * self.m.get(name, torch.zeros_like(d)) + (1 - c.beta1) * d
                 v = self.v[name] = c.beta2 * self.v.get(name, torch.zeros_like(d)) + (1 - c.beta2) * d * d
-                m_hat = m / (1 - c.beta1 ** t)
-                v_hat = v / (1 - c.beta2 ** t)
-                step = m_hat / (v_hat.sqrt() + c.eps)
+                if c.eps_convention == "keras":  # Keras' "epsilon hat": eps added to sqrt(v), not sqrt(v_hat)
+                    step = m * (math.sqrt(1 - c.beta2 ** t) / (1 - c.beta1 ** t)) / (v.sqrt() + c.eps)
+                else:  # torch
+                    m_hat = m / (1 - c.beta1 ** t)
+                    v_hat = v / (1 - c.beta2 ** t)
+                    step = m_hat / (v_hat.sqrt() + c.eps)
             self.arrays[name] = (w.to(torch.float64) + c.lr * step).to(w.dtype)
 
     def state_dict(self) -> dict[str, Any]:

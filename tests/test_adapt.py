@@ -271,7 +271,7 @@ def test_an_adapted_evaluation_leaves_the_global_model_alone_and_starts_every_mo
     assert m["eval/day/loss"] != pytest.approx(plain["eval/day/loss"], rel=1e-3)  # the adaptation did apply
 
 
-def test_an_adapting_stream_is_asked_to_score_the_branch_the_group_is_scored_with(monkeypatch):
+def test_an_adapting_stream_is_asked_to_score_the_batch_majority_branch(monkeypatch):
     from fedshift import evaluation
 
     seen = []
@@ -290,5 +290,6 @@ def test_an_adapting_stream_is_asked_to_score_the_branch_the_group_is_scored_wit
     net = bn_net()
     x = batch(8)
     every_example_says_1 = lambda out: torch.tensor([1] * 10 + [0] * 6)  # noqa: E731  (the group votes 1)
-    evaluate_modes(net, {"day": (x, torch.zeros(16, dtype=torch.long))}, every_example_says_1, batch_size=16)
+    evaluate_modes(net, {"day": (x, torch.zeros(16, dtype=torch.long))}, every_example_says_1, batch_size=16,
+                   settings=EvalConfig(client_size=16))
     assert len(seen) == 1 and torch.equal(seen[0], net(x).logits[:, 1])

@@ -153,8 +153,8 @@ def test_trunk_blocks_find_activations_and_residual_blocks_with_widths():
     assert trunk_blocks(build("mlp", hidden=[16, 12]).trunk) == [("2", 16), ("4", 12), ("6", 64)]
     assert trunk_blocks(build("emnist_cnn", channels=[4, 8]).trunk) == [("1", 4), ("3", 8), ("8", 128)]
     res = trunk_blocks(build("resnet18_gn", width=8).trunk)
-    # stem activation, 8 residual blocks, then the activation of the Linear to the 512-wide feature
-    assert res[0] == ("2", 8) and [w for _, w in res[1:]] == [8, 8, 16, 16, 32, 32, 64, 64, 512]
+    # stem activation, 8 residual blocks, the final norm's activation, then that of the Linear to the 512-wide feature
+    assert res[0] == ("3", 8) and [w for _, w in res[1:]] == [8, 8, 16, 16, 32, 32, 64, 64, 64, 512]
 
 
 def first_round_instructions(tmp_path, sc, monkeypatch):

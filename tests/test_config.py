@@ -124,6 +124,33 @@ def test_overrides_parse_yaml_values_and_create_nested_keys(digits_raw):
         apply_overrides(digits_raw, ["rounds.x=1"])
 
 
+@pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("1E-4", 1e-4), ("-2e3", -2000.0), ("5e+2", 500.0),
+                                        ("1.5e3", 1500.0), ("1.0e-4", 1e-4)])
+def test_scientific_notation_overrides_are_floats(digits_raw, text, value):
+    raw = apply_overrides(digits_raw, [f"strategy.server_optimizer.lr={text}"])
+    got = raw["strategy"]["server_optimizer"]["lr"]
+    assert type(got) is float and got == value
+
+
+def test_scientific_notation_parses_as_float_in_overrides_and_files_and_strings_stay_strings(digits_raw, tmp_path):
+    s = load_scenario("default", ["strategy.server_optimizer.name=adam", "strategy.server_optimizer.eps=1e-4"])
+    eps = s.strategy.params()["server_optimizer"]["eps"]
+    assert type(eps) is float and eps == 1e-4
+    digits_raw.pop("strategy"), digits_raw.pop("name")
+    f = tmp_path / "sci.yaml"
+    f.write_text("name: e5\n" + yaml.safe_dump(digits_raw, sort_keys=False) + "strategy:\n  name: fedavg\n"
+                 "  server_optimizer: {name: adam, lr: 5E-2, eps: 1e-4}\n")
+    s = load_scenario(str(f))
+    opt = s.strategy.params()["server_optimizer"]
+    assert type(opt["eps"]) is float and opt["eps"] == 1e-4 and opt["lr"] == 0.05
+    # strings that only look a little like numbers stay strings
+    assert s.name == "e5"
+    assert load_scenario(str(f), ["name=e5"]).name == "e5"
+    assert load_scenario(str(f), ["name=1e-4x"]).name == "1e-4x"
+    assert load_scenario(str(f), ["name='1e-4'"]).name == "1e-4"
+    assert yaml.safe_load("eps: 1e-4") == {"eps": "1e-4"}  # PyYAML's own SafeLoader is left as it was
+
+
 def test_overrides_are_validated_like_the_file():
     with pytest.raises(ScenarioError) as e:
         load_scenario("default", ["shift.period=1", "client.batch_size=0"])

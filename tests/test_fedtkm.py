@@ -12,7 +12,7 @@ from torch import nn
 from fedshift import load_scenario
 from fedshift.clients.base import ClientData
 from fedshift.clients.erm import ERM
-from fedshift.config import ClientConfig, ComponentParams
+from fedshift.config import ClientConfig, ComponentParams, EvalConfig
 from fedshift.errors import ScenarioError
 from fedshift.models import ModelOutput, MultiBranchNet
 from fedshift.shift import SCHEDULES, ModeSampler
@@ -31,10 +31,12 @@ def identity_net(dim: int = 1, classes: int = 2, branches: int = 2) -> MultiBran
 
 
 def setup_for(period: int = 16, modes: int = 2, seed: int = 0, rounds: int = 64,
-              schedule: str = "linear") -> StrategySetup:
+              schedule: str = "linear", client_size: int = 4) -> StrategySetup:
+    """Test clients of ``client_size`` examples at evaluation (no training clients' sizes here)."""
     names = ["day", "night", "dusk", "dawn"][:modes]
     return StrategySetup(mode_names=names, num_classes=2, branches=modes,
-                         schedule=SCHEDULES.get(schedule)(modes, period=period), seed=seed, rounds=rounds)
+                         schedule=SCHEDULES.get(schedule)(modes, period=period), seed=seed, rounds=rounds,
+                         eval=EvalConfig(client_size=client_size))
 
 
 def trainer(lr: float = 0.1) -> ERM:
@@ -583,3 +585,38 @@ def test_a_restored_state_continues_exactly_like_the_original(cls, params, tmp_p
     ma, mb = run_round(a, 3, cohort[3], data), run_round(b, 3, cohort[3], data)
     assert ma == pytest.approx(mb, nan_ok=True)
     assert all(torch.equal(a.opt.arrays[k], b.opt.arrays[k]) for k in a.opt.arrays)
+
+
+def test_client_max_examples_caps_the_vote_the_training_and_the_center_statistics():
+    """client.max_examples (the reference's max_elements_per_client): each round a client uses a random N of
+    its examples, the same N in all three passes of FedTKM, and reports N."""
+    import copy
+
+    from fedshift.simulation.world import World
+    from fedshift.strategies.fedtkm import COUNTS
+
+    world = World.build(load_scenario("default", ["strategy.name=fedtkm", "client.max_examples=5",
+                                                  "client.batch_size=2", "client.local_epochs=1"]))
+    world.strategy.initialize(copy.deepcopy(world.model))
+    own = {r.numpy().tobytes() for r in world.client_data(0).x}
+    assert len(world.client_data(0)) > 5
+    calls: list[tuple[bool, torch.Tensor]] = []
+    world.model.trunk.register_forward_hook(lambda m, a, o: calls.append((m.training, a[0].detach().clone())))
+
+    def run(server_round: int):
+        calls.clear()
+        ins = world.strategy.configure_train(server_round, [ClientSpec(0, 0)])[0]
+        result, _ = world.run_client(ins, server_round, {})
+        votes_and_stats = [x for training, x in calls if not training]
+        trained = torch.cat([x for training, x in calls if training])
+        return result, votes_and_stats, trained
+
+    def rows(x: torch.Tensor) -> list[bytes]:
+        return sorted(r.numpy().tobytes() for r in x)
+
+    result, (vote, stats), trained = run(0)
+    assert len(vote) == len(stats) == len(trained) == 5  # the vote, one epoch of training, the statistics
+    assert rows(vote) == rows(stats) == rows(trained) and set(rows(vote)) <= own
+    assert result.num_examples == 5 and float(result.stats[COUNTS].sum()) == 5.0
+    assert rows(run(0)[1][0]) == rows(vote)  # reproducible: drawn from the client's round seed
+    assert rows(run(1)[1][0]) != rows(vote)  # another round, another five

@@ -182,7 +182,7 @@ def test_modules_follow_each_feature_map_block_and_keep_the_parameter_names():
     assert {n.split(".")[1] for n in set(model.state_dict()) - set(plain.state_dict())} == {"1", "3"}
     resnet = build_model(load_scenario("default", ["model={architecture: resnet18_gn, width: 8, modules: [dsu]}"]),
                          (3, 8, 8), 10)
-    assert len([m for m in resnet.modules() if isinstance(m, DSU)]) == 9  # stem + 8 residual blocks
+    assert len([m for m in resnet.modules() if isinstance(m, DSU)]) == 10  # stem, 8 residual blocks, final norm-ReLU
     some = cnn(", modules: [{name: dsu, blocks: [-1]}]")
     assert [n for n, m in some.named_modules() if isinstance(m, DSU)] == ["trunk.3.dsu"]
 

@@ -12,7 +12,7 @@ from torch import nn
 from fedshift import load_scenario
 from fedshift.config import EvalConfig
 from fedshift.errors import ScenarioError
-from fedshift.evaluation import auroc, check_scenario, evaluate_routed, fpr95, max_logit_branches
+from fedshift.evaluation import auroc, check_scenario, evaluate_routed, fpr95, max_logit_branches, votes
 from fedshift.models import ModelOutput
 from fedshift.strategies.base import StrategyParams
 from fedshift.strategies.fedavg import FedAvg
@@ -33,6 +33,7 @@ def labels(n: int) -> torch.Tensor:
 
 
 def evaluate(test_sets, route=lambda o, y, k: None, **settings):
+    settings.setdefault("client_size", 7)
     return evaluate_routed(lambda k: Logits(), test_sets, route, batch_size=7, settings=EvalConfig(**settings))
 
 
@@ -131,7 +132,7 @@ def test_ood_metric_names_appear_in_a_strategy_evaluate_result():
 def _setup(branches: int = 2, **settings):
     s = setup_for()
     s.branches = branches
-    s.eval = EvalConfig(**settings)
+    s.eval = EvalConfig(**{"client_size": 4, **settings})
     return s
 
 
@@ -146,7 +147,7 @@ def test_max_logit_selector_picks_the_branch_with_the_largest_max_logit():
 
 def test_select_maxlogit_replaces_the_strategys_route():
     sets = planted(14, [1, 0])  # day is confident on branch 1, night on branch 0
-    always_own_mode = lambda o, y, k: (torch.full((len(y),), k), k)  # noqa: E731  (what oracle does)
+    always_own_mode = lambda o, y, k: votes(torch.full((len(y),), k), 2)  # noqa: E731  (what oracle does)
     own = evaluate(sets, always_own_mode)
     assert own["eval/all/branch_accuracy"] == 1.0
     by_logit = evaluate(sets, always_own_mode, select="maxlogit")

@@ -7,6 +7,7 @@ arrays it carries and the training it asks for.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -50,11 +51,13 @@ def build_schedule(scenario: Scenario) -> ModeSchedule:
     return SCHEDULES.get(s.schedule)(k, **common)
 
 
-def build_strategy(scenario: Scenario, num_classes: int) -> ServerStrategy:
+def build_strategy(scenario: Scenario, federation: Federation) -> ServerStrategy:
     cls = STRATEGIES.get(scenario.strategy.name)
-    setup = StrategySetup(mode_names=scenario.mode_names, num_classes=num_classes, branches=scenario.model.branches,
-                          schedule=build_schedule(scenario), seed=scenario.seed, rounds=scenario.rounds,
-                          eval=scenario.eval)
+    sizes = {name: [federation.client_size(int(c)) for c in pool]
+             for name, pool in zip(federation.mode_names, federation.pools())}
+    setup = StrategySetup(mode_names=scenario.mode_names, num_classes=federation.num_classes,
+                          branches=scenario.model.branches, schedule=build_schedule(scenario), seed=scenario.seed,
+                          rounds=scenario.rounds, eval=scenario.eval, client_sizes=sizes)
     return cls(cls.Params.model_validate(scenario.strategy.params()), setup)
 
 
@@ -100,6 +103,15 @@ def client_seed(seed: int, server_round: int, cid: int) -> int:
     return int(np.random.SeedSequence([seed, CLIENT_STREAM, server_round, cid]).generate_state(1)[0])
 
 
+def capped(data: ClientData, cap: int | None, generator: torch.Generator) -> ClientData:
+    """``client.max_examples``: a random ``cap`` of the client's examples (in their stored order), drawn from the
+    client's round generator, or all of them when it has no more. Every pass of the round uses them."""
+    if cap is None or len(data) <= cap:
+        return data
+    keep = torch.randperm(len(data), generator=generator)[:cap].sort().values.to(data.x.device)
+    return dataclasses.replace(data, x=data.x[keep], y=data.y[keep], domain=data.domain[keep])
+
+
 @dataclass
 class World:
     scenario: Scenario
@@ -123,7 +135,7 @@ class World:
         trainer = build_trainer(scenario)
         model = initial_model(scenario, fed, trainer).to(device)
         require_applicable(scenario.eval.adapt, model, scenario.model.architecture)
-        return cls(scenario, fed, model, build_strategy(scenario, fed.num_classes), trainer, device,
+        return cls(scenario, fed, model, build_strategy(scenario, fed), trainer, device,
                    torch.from_numpy(fed.train_x).to(device), torch.from_numpy(fed.train_y).to(device),
                    torch.from_numpy(fed.train_mode).to(device),
                    build_augmenter(scenario.client.augment, fed.input_shape))
@@ -163,8 +175,9 @@ class World:
         seed = client_seed(self.scenario.seed, server_round, cid)
         torch.manual_seed(seed)  # dropout and any other use of the global generator
         gen = torch.Generator(device="cpu").manual_seed(seed)
+        data = capped(self.client_data(cid), self.scenario.client.max_examples, gen)
         job = ClientJob(cid=cid, round=server_round, model=self.model, received=list(sd), extra=extra,
-                        data=self.client_data(cid), trainer=self.trainer, config=instruction.config,
+                        data=data, trainer=self.trainer, config=instruction.config,
                         device=self.device, state=state, generator=gen,
                         trainer_server={k: v.to(self.device) for k, v in (trainer_server or {}).items()})
         fault = draw_fault(self.scenario.faults, self.scenario.seed, server_round, cid)
