@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="scenario override applied to every run (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("runs/reproduce_fedtkm"), help="run directories (kept, resumable)")
     ap.add_argument("--inprocess", action="store_true",
-                    help="run each simulation in this process without Flower and Ray (benchmarks/fedtkm_inprocess.py: "
-                         "the same strategy code, ERM clients, no faults; several times faster, nothing saved)")
+                    help="run each simulation in this process without Flower and Ray (the in-process executor: the "
+                         "same loop and metrics; several times faster, nothing saved)")
     ap.add_argument("--rounds", type=int,
                     help=f"rounds of every run (default: {OFFLINE_ROUNDS} for the offline scenarios, the scenario's "
                          "own with --paper)")
