@@ -1,11 +1,9 @@
-"""Fast FedTKM sweeps without Ray: the same World, strategy and client code as a run, in one process.
+"""Fast FedTKM sweeps without Ray: the real round loop with the in-process executor.
 
-The engine's round loop (sample the cohort, ``configure_train``, each client through ``World.run_client``,
-``aggregate_train``, ``evaluate``) without Flower messages or Ray workers, so one 64-round run of the default
-scenario takes seconds. Use it to explore settings; confirm the chosen ones with ``reproduce_fedtkm.py``,
-which runs through Flower and Ray (FedAvg on ``default`` gives the same last-period accuracy both ways:
-0.743 over seeds 0-2). Client training states, client-strategy broadcasts and faults are not simulated, so it
-suits ERM clients only.
+Each run is ``fedshift.run_scenario(..., executor="inprocess")``: the same loop, strategy and client code as a
+Ray run, every client in this process, so a 64-round run of the default scenario takes seconds and gives the
+metrics a Ray run gives (tests/test_executors.py checks that they are identical). The run directories go to a
+temporary folder. Use it to explore settings and to reproduce the tables of docs/strategies.md.
 
     python benchmarks/fedtkm_inprocess.py LABEL [key=value ...] [--scenario default] [--seeds 0 1 2]
     python benchmarks/fedtkm_inprocess.py tkm-ls strategy.name=fedtkm strategy.label_smooth_w=0.5 strategy.label_smooth_eps=0.1
@@ -19,40 +17,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
+from pathlib import Path
 
-import torch
-
-from fedshift import load_scenario
+from fedshift import load_scenario, run_scenario
 from fedshift.recording import final_period_means
-from fedshift.shift import ModeSampler
-from fedshift.simulation.world import World
-from fedshift.strategies.base import ClientReply, ClientSpec
 
 
 def last_period(scenario_name: str, overrides: list[str]) -> dict[str, float]:
-    s = load_scenario(scenario_name, ["backend.device=cpu", *overrides])
-    if s.client.strategy != "erm":
-        raise SystemExit(f"client.strategy {s.client.strategy!r}: this harness runs ERM clients only")
-    torch.set_num_threads(1)
-    client = World.build(s, on_worker=True)    # plays every client
-    server = World.build(s, on_worker=False)   # holds the global model
-    strategy = server.strategy
-    strategy.initialize(server.model)
-    fed = client.federation
-    sampler = ModeSampler(strategy.setup.schedule, fed.pools(), s.clients_per_round, s.seed)
-    tests = {m: (torch.from_numpy(x), torch.from_numpy(y)) for m, (x, y) in fed.test.items()}
-    rows = []
-    for t in range(s.rounds):
-        cohort = [ClientSpec(cid, mode) for cid, mode in sampler.cohort(t)]
-        replies = []
-        for ins, spec in zip(strategy.configure_train(t, cohort), cohort):
-            res, _ = client.run_client(ins, t, {})
-            arrays = {k: v.detach().clone() for k, v in res.arrays.items()}
-            replies.append(ClientReply(spec.cid, spec.mode, res.num_examples, arrays, res.metrics, res.stats))
-        row = {"round": t, **strategy.aggregate_train(t, replies)}
-        row.update(strategy.evaluate(tests, s.eval.batch_size))
-        rows.append(row)
-    return final_period_means(rows, s.shift.period)
+    """One run in process; the metrics averaged over its last period."""
+    s = load_scenario(scenario_name, ["output.tensorboard=false", "output.save_model=false", *overrides])
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_scenario(s, out=Path(tmp) / "run", executor="inprocess")
+    return final_period_means(result.rows, s.shift.period)
 
 
 def main() -> None:

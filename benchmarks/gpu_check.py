@@ -3,11 +3,12 @@
 Parts (each can be chosen with ``--parts``):
 
 - ``tests``: ``tests/test_gpu.py`` (every client strategy and every server strategy's client half, one round on CUDA);
-- ``A`` / ``C``: ``fedshift bench`` workloads A and C through the raw in-process loop (``fedshift.bench.bench_raw``)
-  on the device;
+- ``A`` / ``C``: ``fedshift bench`` workloads A and C through the real round loop with the in-process executor, on
+  the device (the lent GPU machine has no Ray);
 - ``emnist``: paper-shaped EMNIST on synthetic data (62 classes, 28x28, 3,383 + 3,400 clients, 81,403 test examples),
   FedTKM with an evaluation every round: seconds per round, of which evaluation;
-- ``cifar``: paper-shaped CIFAR on synthetic data (3x24x24, 110 classes, ``resnet18_gn``), FedTKM, the same timings.
+- ``cifar``: paper-shaped CIFAR on synthetic data (3x24x24, 110 classes, the reference's ``resnet18_gn``, 20 examples
+  per client and round), FedTKM, the same timings.
 
 Writes one JSON file (``--json``) with the machine named, and prints a summary. Without CUDA it exits 0 after saying
 so, unless ``--allow-cpu`` (the dry run that checks the script itself on a CPU machine, with tiny sizes).
@@ -53,14 +54,46 @@ def part_tests(timeout: int) -> dict:
     return {"returncode": rc, "seconds": round(time.perf_counter() - t0, 1), "tail": tail}
 
 
-def part_workload(workload: str, rounds: int, device: str, tiny: bool) -> dict:
-    from fedshift.bench import bench_raw, workload_scenario
+def _loop_run(overrides: list[str], device: str, threads: int | None = None) -> dict:
+    """One run of the real round loop with the in-process executor (fedshift's own loop: no Flower, no Ray);
+    the median seconds of a round and of its phases over the rounds after the first."""
+    import tempfile
 
-    # the dry run checks the code path, not speed: ResNet-18 on 24x24 maps takes minutes a round on 2 CPU cores
+    from fedshift import load_scenario
+    from fedshift.simulation import Simulation
+    from fedshift.simulation.executors import InProcessExecutor
+
+    s = load_scenario("default", ["output.tensorboard=false", "output.save_model=false", f"backend.device={device}",
+                                  *overrides])
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = Simulation(s, Path(tmp) / "run")
+        build_s = time.perf_counter() - t0
+        result = sim.serve_with(InProcessExecutor(threads=threads))
+    rows = result.rows[1:] if len(result.rows) > 2 else result.rows
+
+    def median(key):
+        values = [r[key] for r in rows if key in r]
+        return statistics.median(values) if values else None
+
+    last = next((r for r in reversed(result.rows) if "eval/all/accuracy" in r), {})
+    return {"rounds": len(result.rows), "clients_per_round": s.clients_per_round, "build_s": round(build_s, 2),
+            "startup_s": result.summary.get("startup_s"), "s_per_round": median("time/round_s"),
+            "clients_s": median("time/clients_s"), "aggregate_s": median("time/aggregate_s"),
+            "eval_s": median("time/eval_s"), "test_examples": sum(len(y) for _, y in sim.test_sets.values()),
+            "last_accuracy": last.get("eval/all/accuracy")}
+
+
+def part_workload(workload: str, rounds: int, device: str, tiny: bool) -> dict:
+    from fedshift.bench import WORKLOADS
+
+    # the dry run checks the code path, not speed
     small = ["clients_per_round=2", "data.clients_per_mode=4", "data.dataset.train_size=80"] if tiny else []
-    s = workload_scenario(workload, rounds, [f"backend.device={device}", *small])
-    r = bench_raw(s)
-    print(f"workload {workload} raw on {device}: {r['s_per_round']:.4f} s/round, "
+    r = _loop_run([f"name=bench-{workload}", f"rounds={rounds}", "shift.period=16", f"eval.every={rounds}",
+                   *WORKLOADS[workload]["overrides"], *small], device)
+    r["client_updates_per_s"] = r["clients_per_round"] / r["s_per_round"]
+    print(f"workload {workload}, the real loop in process on {device}: {r['s_per_round']:.4f} s/round "
+          f"(clients {r['clients_s']:.4f} s, aggregation {r['aggregate_s']:.4f} s), "
           f"{r['client_updates_per_s']:.1f} updates/s ({rounds} rounds)")
     return r
 
@@ -71,67 +104,26 @@ PAPER = {
                "test_size: 40702}",
                "modes={day: {}, night: {transform: [invert]}}", "data.clients_per_mode=3400",
                "model={architecture: emnist_cnn}", "client.lr=0.001", "client.batch_size=20"],
-    # CIFAR shaped: 3x24x24 crops, 110 outputs (CIFAR-10 + CIFAR-100), resnet18_gn, 10k test examples per mode.
+    # CIFAR shaped: 3x24x24 crops, 110 outputs (CIFAR-10 + CIFAR-100), the reference's resnet18_gn, 10k test
+    # examples per mode, the reference's 20 examples per client and round
     "cifar": ["data.dataset={name: synthetic, shape: [3, 24, 24], classes: 110, train_size: 100000, "
               "test_size: 10000}",
               "modes={day: {}, night: {transform: [invert]}}", "data.clients_per_mode=500",
-              "model={architecture: resnet18_gn}", "client.lr=0.01", "client.batch_size=20"],
+              "model={architecture: resnet18_gn}", "client.lr=0.01", "client.batch_size=20",
+              "client.max_examples=20"],
 }
 TINY = ["data.dataset.train_size=80", "data.dataset.test_size=20", "data.clients_per_mode=4",
         "clients_per_round=2"]
 
 
 def part_paper(task: str, rounds: int, device: str, tiny: bool) -> dict:
-    """FedTKM, evaluation every round, the engine's round loop in one process (as benchmarks/fedtkm_inprocess.py)."""
-    from fedshift import load_scenario
-    from fedshift.shift import ModeSampler
-    from fedshift.simulation.world import World
-    from fedshift.strategies.base import ClientReply, ClientSpec
-
-    s = load_scenario("default", [f"name=gpu-check-{task}", f"rounds={rounds}", "clients_per_round=10",
-                                  "shift.period=32", "eval.every=1", "output.tensorboard=false",
-                                  "output.save_model=false", f"backend.device={device}", "strategy.name=fedtkm",
-                                  "client.local_epochs=1", *PAPER[task], *(TINY if tiny else [])])
-    t0 = time.perf_counter()
-    client = World.build(s, on_worker=True)
-    server = World.build(s, on_worker=False)
-    build_s = time.perf_counter() - t0
-    strategy = server.strategy
-    strategy.initialize(server.model)
-    fed = client.federation
-    sampler = ModeSampler(strategy.setup.schedule, fed.pools(), s.clients_per_round, s.seed)
-    tests = {m: (torch.from_numpy(x).to(server.device), torch.from_numpy(y).to(server.device))
-             for m, (x, y) in fed.test.items()}
-    n_test = sum(len(y) for _, y in tests.values())
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    round_s, eval_s, acc = [], [], None
-    for t in range(s.rounds):
-        t1 = time.perf_counter()
-        cohort = [ClientSpec(cid, mode) for cid, mode in sampler.cohort(t)]
-        replies = []
-        for ins, spec in zip(strategy.configure_train(t, cohort), cohort):
-            res, _ = client.run_client(ins, t, {})
-            replies.append(ClientReply(spec.cid, spec.mode, res.num_examples,
-                                       {k: v.detach().to("cpu", copy=True) for k, v in res.arrays.items()},
-                                       res.metrics, res.stats))  # as the transport delivers them
-        strategy.aggregate_train(t, replies)
-        sync()
-        t2 = time.perf_counter()
-        row = strategy.evaluate(tests, s.eval.batch_size)
-        sync()
-        t3 = time.perf_counter()
-        round_s.append(t3 - t1)
-        eval_s.append(t3 - t2)
-        acc = row.get("eval/all/accuracy", acc)
-    steady = slice(1, None) if len(round_s) > 2 else slice(None)
-    out = {"rounds": rounds, "test_examples": n_test, "clients": sum(len(p) for p in fed.pools()),
-           "build_s": round(build_s, 2), "s_per_round_median": statistics.median(round_s[steady]),
-           "eval_s_median": statistics.median(eval_s[steady]),
-           "train_s_median": statistics.median([a - b for a, b in zip(round_s, eval_s)][steady]),
-           "last_accuracy": acc}
-    print(f"{task} FedTKM in process on {device}: {out['s_per_round_median']:.3f} s/round, of which evaluation "
-          f"{out['eval_s_median']:.3f} s over {n_test} examples (build {build_s:.1f} s)")
-    return out
+    """FedTKM, evaluation every round, the real round loop in process."""
+    r = _loop_run([f"name=gpu-check-{task}", f"rounds={rounds}", "clients_per_round=10", "shift.period=32",
+                   "eval.every=1", "strategy.name=fedtkm", "client.local_epochs=1", *PAPER[task],
+                   *(TINY if tiny else [])], device)
+    print(f"{task} FedTKM, the real loop in process on {device}: {r['s_per_round']:.3f} s/round, of which "
+          f"evaluation {r['eval_s']:.3f} s over {r['test_examples']} examples (build {r['build_s']:.1f} s)")
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedshift.models import ARCHITECTURES
+from fedshift.errors import FedshiftError
+from fedshift.models import ARCHITECTURES, Architecture
 from fedshift.vit import attention_layers
 
 from .base import CLIENT_STRATEGIES
@@ -106,7 +107,13 @@ class PrefixTuning(PEFT):
     @classmethod
     def check_scenario(cls, params, scenario):
         arch = scenario.model.architecture
-        if arch in ARCHITECTURES and not getattr(ARCHITECTURES.get(arch), "attention", False):
+        try:
+            arch_cls = ARCHITECTURES.get(arch)
+        except (KeyError, FedshiftError):  # an unknown or unloadable architecture: reported as model.architecture
+            return []
+        if not (isinstance(arch_cls, type) and issubclass(arch_cls, Architecture)):  # reported as model.architecture
+            return []
+        if not getattr(arch_cls, "attention", False):
             return [("client.strategy", no_attention_message(f"{arch!r}"))]
         return []
 

@@ -13,11 +13,12 @@ from .config import Scenario, load_scenario, validate_scenario
 from .errors import DatasetUnavailable, FedshiftError, ScenarioError
 
 
-def run_scenario(scenario, out=None, callbacks=()):
-    """Run a validated scenario; returns a RunResult (run directory, metrics rows, summary)."""
+def run_scenario(scenario, out=None, callbacks=(), executor="flower"):
+    """Run a validated scenario; returns a RunResult (run directory, metrics rows, summary). ``executor``:
+    ``flower`` (clients in Ray workers) or ``inprocess`` (every client in this process, no Flower or Ray)."""
     from .simulation import run_scenario as _run
 
-    return _run(scenario, out, callbacks)
+    return _run(scenario, out, callbacks, executor)
 
 
 __all__ = ["DatasetUnavailable", "FedshiftError", "Scenario", "ScenarioError", "__version__", "load_scenario",

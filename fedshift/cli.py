@@ -87,16 +87,22 @@ def run(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run directory (must not exist or be empty)")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="continue the run in this directory from its checkpoint")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    executor: Annotated[str, typer.Option("--executor", "-x", help="flower: clients in Ray worker processes "
+                                          "(default); inprocess: every client in this process, no Flower or Ray "
+                                          "(same metrics; for debugging, small runs, machines without Ray)")] = "flower",
 ) -> None:
-    """Run a scenario through a Flower/Ray simulation and write its run directory.
+    """Run a scenario through a Flower/Ray simulation (or in process) and write its run directory.
 
     Ctrl-C or SIGTERM stops after the round in progress and writes a checkpoint; --resume continues it."""
     from .config import load_scenario
     from .simulation import Simulation
     from .simulation.engine import Interrupted
+    from .simulation.executors import EXECUTORS
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
+        if executor not in EXECUTORS:
+            raise FedshiftError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
         if resume is not None:
             if scenario is not None or set_ or out is not None:
                 raise FedshiftError("--resume takes the run directory only: its scenario.yaml is what runs")
@@ -111,7 +117,7 @@ def run(
     if display is not None:
         sim.callbacks.append(display)
     try:
-        result = sim.run()
+        result = sim.run(executor)
     except (Interrupted, KeyboardInterrupt) as exc:
         if display is not None:
             display.close()

@@ -14,7 +14,7 @@ import torch
 
 from .config import ComponentSpec, DatasetSpec, Scenario, validate_params
 from .errors import PluginError, ScenarioError
-from .registry import Registry
+from .registry import PLUGIN_PATH_FORM, Registry
 
 
 def registries() -> dict[str, Registry]:
@@ -36,9 +36,9 @@ def registries() -> dict[str, Registry]:
 
 
 def _lookup(registry: Registry, name: str, key: str, base: type, problems: list) -> type | None:
-    if name not in registry:
+    if name not in registry:  # also every name that is not a legal plugin path (``../x``, ``.foo``, ``a..b:C``)
         problems.append((key, f"unknown {registry.kind} {name!r}; valid: {', '.join(registry.names())}"
-                              " (or a dotted path package.module:Class)"))
+                              f" (or a plugin's dotted path {PLUGIN_PATH_FORM})"))
         return None
     try:
         obj = registry.get(name)
@@ -46,7 +46,10 @@ def _lookup(registry: Registry, name: str, key: str, base: type, problems: list)
         problems.append((key, str(exc)))
         return None
     if not (isinstance(obj, type) and issubclass(obj, base)):
-        problems.append((key, f"{name!r} is not a {base.__name__} subclass"))
+        what = f"the class {obj.__name__}" if isinstance(obj, type) else f"a {type(obj).__name__}"
+        article = "an" if base.__name__[0] in "AEIOU" else "a"
+        problems.append((key, f"{name!r} is not {article} {base.__name__} subclass (it names {what}); a "
+                              f"{registry.kind} plugin's path {PLUGIN_PATH_FORM} must name one"))
         return None
     return obj
 

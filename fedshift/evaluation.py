@@ -167,7 +167,7 @@ def ood_metrics(scores: list[dict[str, torch.Tensor] | None], names: list[str]) 
 
 def check_scenario(s: Scenario) -> list[tuple[str, str]]:
     """``(key, message)`` problems of the evaluation settings, once the strategy and branches are resolved."""
-    from fedshift.strategies import STRATEGIES
+    from fedshift.strategies import STRATEGIES, ServerStrategy
 
     problems = []
     if s.eval.select == "maxlogit" and s.model.branches == 1:
@@ -176,6 +176,8 @@ def check_scenario(s: Scenario) -> list[tuple[str, str]]:
     try:
         strategy = STRATEGIES.get(s.strategy.name)
     except (KeyError, FedshiftError):  # already reported as strategy.name
+        strategy = None
+    if not (isinstance(strategy, type) and issubclass(strategy, ServerStrategy)):  # e.g. os:path, reported too
         strategy = None
     if s.eval.ood and strategy is not None and strategy.one_model_per_mode:
         problems.append(("eval.ood", f"strategy {s.strategy.name!r} evaluates each mode with its own model, so no "

@@ -2,12 +2,15 @@
 
 Every pluggable component is found by a short name written in the scenario YAML. A name that contains a dot
 (``mypkg.module:Class`` or ``mypkg.module.Class``) is imported instead, and only then: plugins load from
-dotted paths the user wrote, nothing else is imported implicitly.
+dotted paths the user wrote, nothing else is imported implicitly. A plugin path is Python identifiers only: a
+module path (``pkg.sub``, no leading dot, so never a relative import) and one attribute name; anything else
+(``../x``, ``.foo``, ``a..b:C``, ``:C``, ``x:``) is an unknown name like any other.
 """
 
 from __future__ import annotations
 
 import importlib
+import keyword
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -49,26 +52,56 @@ class Registry(Generic[T]):
         raise KeyError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names()) or '(none)'}")
 
 
+PLUGIN_PATH_FORM = "package.module:Class"
+
+
 def _is_dotted(name: str) -> bool:
-    return ":" in name or "." in name
+    return split_plugin_path(name) is not None
 
 
-def load_dotted(path: str, kind: str = "plugin"):
-    """Import ``package.module:attr`` (or ``package.module.attr``) and return the attribute."""
+def _is_identifier(part: str) -> bool:
+    return part.isidentifier() and not keyword.iskeyword(part)
+
+
+def split_plugin_path(path: object) -> tuple[str, str] | None:
+    """``(module, attribute)`` of a legal plugin path, else None. Legal: ``pkg.mod:Name`` or ``pkg.mod.Name``
+    where every part is a Python identifier (not a keyword): no empty part, no leading dot (a relative
+    import), no slashes, spaces or second colon."""
+    if not isinstance(path, str) or path.count(":") > 1:
+        return None
     if ":" in path:
         module_name, _, attr = path.partition(":")
     else:
         module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise PluginError(f"{kind} {path!r} is not a dotted path of the form 'package.module:Name'")
+    if not module_name or not _is_identifier(attr) or not all(_is_identifier(p) for p in module_name.split(".")):
+        return None
+    return module_name, attr
+
+
+def load_dotted(path: str, kind: str = "plugin"):
+    """Import ``package.module:attr`` (or ``package.module.attr``) and return the attribute.
+
+    Raises PluginError, never anything else, for a path that is not of that form, a module that cannot be
+    imported (or raises while it is imported) and a missing attribute."""
+    parts = split_plugin_path(path)
+    if parts is None:
+        raise PluginError(f"{kind} {path!r} is not a dotted path of the form {PLUGIN_PATH_FORM!r} "
+                          "(Python identifiers separated by dots, then ':' and a name)")
+    module_name, attr = parts
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise PluginError(f"{kind} {path!r}: cannot import module {module_name!r} ({exc})") from exc
+    except Exception as exc:  # a plugin module that fails while it is imported
+        raise PluginError(f"{kind} {path!r}: importing module {module_name!r} failed "
+                          f"({type(exc).__name__}: {exc})") from exc
     try:
         return getattr(module, attr)
     except AttributeError:
         raise PluginError(f"{kind} {path!r}: module {module_name!r} has no attribute {attr!r}") from None
+    except Exception as exc:  # a module __getattr__ that raises something else
+        raise PluginError(f"{kind} {path!r}: reading {attr!r} from module {module_name!r} failed "
+                          f"({type(exc).__name__}: {exc})") from exc
 
 
 def first_doc_line(obj: object) -> str:

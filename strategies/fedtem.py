@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from fedshift.checkpoint_io import as_numpy
 from fedshift.clients.base import TrainTask
 from fedshift.models import ModelOutput
 
@@ -163,13 +164,15 @@ class FedTEM(MultiBranchStrategy):
         return log_posterior(output.features, self.means, self.vars, torch.tensor(self.log_weights)).argmax(1)
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"means": self.means, "vars": self.vars, "log_weights": self.log_weights,
+        # tensors, not numpy arrays: checkpoints load with torch.load(weights_only=True)
+        return super().state_dict() | {"means": self.means, "vars": self.vars,
+                                       "log_weights": torch.from_numpy(np.array(self.log_weights)),
                                        "stats": (self.n, self.s, self.q)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+        super().load_state_dict(state)  # log_weights: a tensor, or a numpy array (older checkpoints)
         self.means, self.vars = state["means"], state["vars"]
-        self.log_weights = np.asarray(state["log_weights"])
+        self.log_weights = as_numpy(state["log_weights"])
         self.n, self.s, self.q = state["stats"]
 
     # ---- client half

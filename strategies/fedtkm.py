@@ -94,6 +94,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from fedshift.checkpoint_io import as_numpy
 from fedshift.clients.base import TrainTask
 from fedshift.errors import ScenarioError
 from fedshift.evaluation import majority_vote
@@ -207,13 +208,14 @@ class FedTKM(MultiBranchStrategy):
         return nearest(scaled_distances(output.features, self.centers, scales))
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"centers": self.centers, "scales": self.scales,
-                                       "center_updates": self.center_updates}
+        # tensors, not numpy arrays: checkpoints load with torch.load(weights_only=True)
+        return super().state_dict() | {"centers": self.centers, "scales": torch.from_numpy(np.array(self.scales)),
+                                       "center_updates": torch.from_numpy(np.array(self.center_updates))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.centers, self.scales = state["centers"], np.asarray(state["scales"])
-        self.center_updates = np.asarray(state.get("center_updates", np.zeros(len(self.scales))))
+        super().load_state_dict(state)  # scales and center_updates: tensors, or numpy arrays (older checkpoints)
+        self.centers, self.scales = state["centers"], as_numpy(state["scales"])
+        self.center_updates = as_numpy(state.get("center_updates", np.zeros(len(self.scales))))
 
     # ---- client half
     def client_update(self, job: ClientJob) -> ClientResult:

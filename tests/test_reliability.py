@@ -106,8 +106,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     resumed = Simulation.resume(tmp_path / "cut")
     assert resumed.start_round == 3
     resumed.run()
-    a = pd.read_csv(full.out_dir / "metrics.csv").drop(columns=["time/round_s"])
-    b = pd.read_csv(tmp_path / "cut" / "metrics.csv").drop(columns=["time/round_s"])
+    a = pd.read_csv(full.out_dir / "metrics.csv").filter(regex="^(?!time/)")
+    b = pd.read_csv(tmp_path / "cut" / "metrics.csv").filter(regex="^(?!time/)")
     pd.testing.assert_frame_equal(a, b)
 
 

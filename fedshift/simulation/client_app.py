@@ -6,12 +6,11 @@ ClientApp defined in ``__main__`` would be re-pickled and rebuilt on every messa
 
 from __future__ import annotations
 
-import traceback
-
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..faults import DroppedOut
+from .executors import failure_text
 from .transport import SCENARIO, add_error, add_reply, unpack_instructions
 from .world import world_for
 
@@ -25,7 +24,7 @@ def train(msg: Message, context: Context) -> Message:
         pack = unpack_instructions(msg.content)
         world = world_for(pack.scenario_text)
     except Exception as exc:  # the whole pack fails; the server counts each of its clients
-        add_error(reply, 0, _reason(exc))
+        add_error(reply, 0, failure_text(exc))
         return Message(reply, reply_to=msg)
     for i, task in enumerate(pack.tasks):
         try:
@@ -33,7 +32,7 @@ def train(msg: Message, context: Context) -> Message:
         except DroppedOut:  # an injected drop-out: nothing is sent for this client
             continue
         except Exception as exc:  # reported to the server, which counts the client as failed and goes on
-            add_error(reply, i, _reason(exc))
+            add_error(reply, i, failure_text(exc))
             continue
         add_reply(reply, i, result.arrays, result.stats, trainer_stats, result.metrics, result.num_examples, task.state)
     return Message(reply, reply_to=msg)
@@ -46,6 +45,3 @@ def warm_up(msg: Message, context: Context) -> Message:
     world_for(str(msg.content.config_records["config"][SCENARIO])).warm_up()
     return Message(RecordDict(), reply_to=msg)
 
-
-def _reason(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"

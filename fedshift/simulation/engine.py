@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint_io import load_checkpoint, restore_rng_states, save_checkpoint
 from ..config import Scenario
 from ..errors import FedshiftError
 from ..recording import Callback, MetricsCSV, TensorBoard, final_period_means, write_json
 from ..shift import ModeSampler
 from ..strategies.base import ClientInstruction, ClientReply, ClientSpec
-from . import flower_patches
-from .transport import SCENARIO, UnpackedReply, pack_instructions, unpack_reply
+from .executors import EXECUTORS, Executor, FlowerExecutor, InProcessExecutor, UnpackedReply
 from .world import World, resolve_device
 
 log = logging.getLogger("fedshift")
@@ -76,14 +76,18 @@ def make_run_dir(scenario: Scenario, out: str | Path | None) -> Path:
 
 
 def versions() -> dict[str, str]:
+    import importlib.metadata
     import platform
-
-    import flwr
-    import ray
 
     from .. import __version__
 
-    return {"fedshift": __version__, "flwr": flwr.__version__, "ray": ray.__version__, "torch": torch.__version__,
+    def version_of(dist: str) -> str:  # without importing it (the in-process executor needs neither)
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {"fedshift": __version__, "flwr": version_of("flwr"), "ray": version_of("ray"), "torch": torch.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
 
 
@@ -184,29 +188,28 @@ class Simulation:
         path = self.out_dir / CHECKPOINT
         tmp = path.with_suffix(".pt.tmp")
         with tmp.open("wb") as f:
-            torch.save(self._checkpoint_state(), f)
+            save_checkpoint(self._checkpoint_state(), f)  # tensors and plain containers only
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return path
 
     def _load_checkpoint(self, path: Path) -> None:
-        import random
-
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem to the user
-            raise FedshiftError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
+        # safe unpickling (torch.load weights_only=True): tensors and plain containers only; a file that
+        # needs anything else is refused with a FedshiftError and never unpickled
+        state = load_checkpoint(path)
         if state.get("scenario") != self.scenario_text:
             raise FedshiftError(f"{str(path)!r} belongs to another scenario than {path.parent / 'scenario.yaml'}")
-        self.world.model.load_state_dict(state["model"])
-        self.strategy.load_state_dict(state["strategy"])
-        self.client_states, self.trainer_broadcast = state["client_states"], state["trainer_broadcast"]
-        self.rows, self.failures = list(state["rows"]), list(state["failures"])
-        self.start_round = int(state["round"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        try:
+            self.world.model.load_state_dict(state["model"])
+            self.strategy.load_state_dict(state["strategy"])
+            self.client_states, self.trainer_broadcast = state["client_states"], state["trainer_broadcast"]
+            self.rows, self.failures = list(state["rows"]), list(state["failures"])
+            self.start_round = int(state["round"])
+            restore_rng_states(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise FedshiftError(f"cannot read checkpoint {str(path)!r}: not a complete fedshift checkpoint of this "
+                                f"run ({type(exc).__name__}: {exc})") from None
 
     def request_stop(self) -> None:
         """Stop after the round in progress, with a checkpoint (what Ctrl-C and SIGTERM do)."""
@@ -237,8 +240,15 @@ class Simulation:
         resources = {"num_cpus": b.num_cpus, "num_gpus": num_gpus, "max_restarts": -1}
         return {"client_resources": resources, "init_args": init_args}
 
-    def run(self) -> RunResult:
-        """Start Ray and Flower's simulation runtime, drive every round, shut them down; the run's result."""
+    def run(self, executor: str = "flower") -> RunResult:
+        """Drive every round and return the run's result. ``executor``: ``flower`` (start Ray and Flower's
+        simulation runtime, clients in its worker processes, shut them down) or ``inprocess`` (every client in
+        this process, no Flower or Ray; the same metrics for the same scenario and seed)."""
+        if executor == "inprocess":
+            with _stop_on_signals(self._stop):
+                return self.serve_with(InProcessExecutor())
+        if executor != "flower":
+            raise FedshiftError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}")
         outcome = run_many([self])[0]
         if isinstance(outcome, BaseException):
             raise outcome
@@ -248,8 +258,12 @@ class Simulation:
         """The whole run over a Flower grid whose supernodes someone else started (``flwr run``'s
         ServerApp, fedshift/flwr_app.py). ``run()`` is the same start, loop and result around its own
         ``run_simulation``."""
+        return self.serve_with(FlowerExecutor(grid))
+
+    def serve_with(self, executor: Executor) -> RunResult:
+        """Start, the round loop over ``executor``, the result."""
         self._start()
-        self._loop(grid)
+        self._loop(executor)
         return self._result()
 
     def _start(self) -> None:
@@ -280,7 +294,8 @@ class Simulation:
         """Messages per round = supernodes: one message per node per round avoids Flower's engine wait."""
         return -(-self.scenario.clients_per_round // self.clients_per_task)
 
-    def _wait_for_nodes(self, grid) -> list[int]:
+    def wait_for_nodes(self, grid) -> list[int]:
+        """The supernodes this run sends to, once enough of them have registered with the grid."""
         want = self.num_tasks
         deadline = time.monotonic() + NODE_WAIT_S
         while True:
@@ -292,14 +307,13 @@ class Simulation:
             time.sleep(0.05)
 
     # ------------------------------------------------------------------ the round loop
-    def _loop(self, grid) -> None:
-        from flwr.app import Message
-
-        flower_patches.tune_grid(grid)
-        nodes = self._wait_for_nodes(grid)
-        self._warm_up(grid, nodes)
+    def _loop(self, executor: Executor) -> None:
+        """The round loop, whatever runs the clients: cohort, instructions, the executor, aggregation, the
+        trainer's statistics, failure counts, evaluation, callbacks, checkpoints."""
+        executor.start(self)
         self.startup_s = time.perf_counter() - self._t_start
         fed = self.world.federation
+        mode_of = fed.client_mode
         every = self.scenario.output.checkpoint_every
         for t in range(self.start_round, self.scenario.rounds):
             t_round = time.perf_counter()
@@ -311,17 +325,10 @@ class Simulation:
             if self.frozen_names:  # frozen parameters never travel (the trainer says which)
                 for ins in instructions:
                     ins.arrays = {k: v for k, v in ins.arrays.items() if k not in self.frozen_names}
-            p = self.clients_per_task
-            by_node: dict[int, list[ClientInstruction]] = {}
-            messages = []
-            for node, start in zip(nodes, range(0, len(instructions), p)):
-                pack = instructions[start:start + p]
-                content = pack_instructions(pack, [self.client_states.get(i.cid, {}) for i in pack], t,
-                                            self.scenario_text, self.trainer_broadcast)
-                messages.append(Message(content, dst_node_id=node, message_type="train"))
-                by_node[node] = pack
-            replies = self._collect(grid.send_and_receive(messages, timeout=self.scenario.faults.time_limit_s),
-                                    by_node, t)
+            t_clients = time.perf_counter()
+            results = executor.execute(self, t, instructions)
+            replies = [self._reply(ins.cid, int(mode_of[ins.cid]), r, t) for ins, r in zip(instructions, results)]
+            t_aggregate = time.perf_counter()
             row: dict[str, Any] = {"round": t}
             for k, (m, w) in enumerate(zip(fed.mode_names, self.sampler.schedule.weights(t))):
                 row[f"q/{m}"] = float(w)
@@ -334,8 +341,17 @@ class Simulation:
                 row[f"clients/failed/{reason}"] = reasons.count(reason)
             row["clients/failed/nonfinite"] = int(row.get("clients/nonfinite", 0))
             row["clients/failed"] = len(reasons) + row["clients/failed/nonfinite"]
+            t_eval = time.perf_counter()
             if (t + 1) % self.scenario.eval.every == 0 or t == self.scenario.rounds - 1:
                 row.update(self.strategy.evaluate(self.test_sets, self.scenario.eval.batch_size))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                row["time/eval_s"] = time.perf_counter() - t_eval
+            # where the round's time went: sampling and instructions, the clients (sending, training and
+            # replies, as the executor runs them), aggregation with the trainer's statistics, evaluation
+            row["time/configure_s"] = t_clients - t_round
+            row["time/clients_s"] = t_aggregate - t_clients
+            row["time/aggregate_s"] = t_eval - t_aggregate
             row["time/round_s"] = time.perf_counter() - t_round
             self.rows.append(row)
             for cb in self.callbacks:
@@ -346,35 +362,6 @@ class Simulation:
             if stopping:
                 log.warning("stopping after round %d: checkpoint written to %s", t, self.out_dir / CHECKPOINT)
                 return
-
-    def _warm_up(self, grid, nodes: list[int]) -> None:
-        """One query per supernode: every client process starts and builds its World before round 0."""
-        from flwr.app import ConfigRecord, Message, RecordDict
-
-        messages = [Message(RecordDict({"config": ConfigRecord({SCENARIO: self.scenario_text})}),
-                            dst_node_id=node, message_type="query") for node in nodes]
-        replies = list(grid.send_and_receive(messages, timeout=WARM_UP_S))
-        errors = [r.error.reason for r in replies if r.has_error()]
-        if errors or len(replies) < len(nodes):
-            raise RuntimeError(f"the client processes could not start: {errors[0] if errors else 'no reply in time'}")
-
-    def _collect(self, reply_msgs, by_node: dict[int, list[ClientInstruction]], t: int) -> list[ClientReply]:
-        """One ClientReply per instruction, in instruction order; failures carry their reason."""
-        mode_of = self.world.federation.client_mode
-        replies: dict[int, ClientReply] = {}
-        for msg in reply_msgs:
-            pack = by_node.get(msg.metadata.src_node_id, [])
-            for i, ins in enumerate(pack):
-                if msg.has_error():
-                    r = UnpackedReply(f"Flower error {msg.error.code}: {msg.error.reason}")
-                else:
-                    r = unpack_reply(msg.content, i)
-                replies[ins.cid] = self._reply(ins.cid, int(mode_of[ins.cid]), r, t)
-        ordered = [ins for pack in by_node.values() for ins in pack]
-        for ins in ordered:  # no reply at all (time limit, lost message)
-            if ins.cid not in replies:
-                replies[ins.cid] = self._reply(ins.cid, int(mode_of[ins.cid]), UnpackedReply("no reply"), t)
-        return [replies[ins.cid] for ins in ordered]
 
     def _reply(self, cid: int, mode: int, r: UnpackedReply, t: int) -> ClientReply:
         if r.error is not None:
@@ -463,6 +450,8 @@ def run_many(simulations: Sequence[Simulation]) -> list[RunResult | BaseExceptio
         if sim.backend_config() != backend:
             raise ValueError(f"run_many: {sim.scenario.name!r} has another backend section than "
                              f"{simulations[0].scenario.name!r}; runs in one runtime share it")
+    from . import flower_patches
+
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     flower_patches.install()
     outcomes: list[RunResult | BaseException | None] = [None] * len(simulations)
@@ -501,8 +490,10 @@ def run_many(simulations: Sequence[Simulation]) -> list[RunResult | BaseExceptio
             for o, sim in zip(outcomes, simulations)]
 
 
-def run_scenario(scenario: Scenario, out: str | Path | None = None, callbacks: Sequence[Callback] = ()) -> RunResult:
-    """Build and run one scenario; the Python entry point behind ``fedshift run``."""
-    return Simulation(scenario, out, callbacks).run()
+def run_scenario(scenario: Scenario, out: str | Path | None = None, callbacks: Sequence[Callback] = (),
+                 executor: str = "flower") -> RunResult:
+    """Build and run one scenario; the Python entry point behind ``fedshift run``. ``executor``: ``flower``
+    (Ray workers, the default) or ``inprocess`` (no Flower or Ray; the same metrics)."""
+    return Simulation(scenario, out, callbacks).run(executor)
 
 

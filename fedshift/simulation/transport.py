@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ..strategies.base import ClientInstruction
+from .executors import UnpackedReply
 
 ROUND, SCENARIO, CIDS = "fedshift.round", "fedshift.scenario", "fedshift.cids"
 
@@ -114,17 +115,6 @@ def add_reply(content: RecordDict, i: int, arrays: dict[str, torch.Tensor], stat
 
 def add_error(content: RecordDict, i: int, reason: str) -> None:
     content[f"error.{i}"] = ConfigRecord({"reason": reason})
-
-
-@dataclass
-class UnpackedReply:
-    error: str | None
-    num_examples: int = 0
-    arrays: dict[str, torch.Tensor] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
-    trainer_stats: dict[str, torch.Tensor] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)
 
 
 def unpack_reply(content: RecordDict, i: int) -> UnpackedReply:
