@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from fedshift.strategies import ClientReply, FedAvg
-from fedshift.strategies.base import finite_replies, mean_metric
+from fedshift.strategies.base import mean_metric
 
 
 class FedMedian(FedAvg):
@@ -22,11 +22,11 @@ class FedMedian(FedAvg):
     name = "fedmedian"
 
     def aggregate_train(self, server_round: int, replies: Sequence[ClientReply]) -> dict[str, float]:
-        ok, counts = finite_replies(replies)
+        ok = replies  # usable replies only: the round loop screens failed and non-finite ones
         if ok:
             update = {}
             for name, g in self.opt.arrays.items():
                 stacked = torch.stack([r.arrays[name].to(torch.float64) for r in ok if name in r.arrays])
                 update[name] = stacked.median(dim=0).values - g.to(torch.float64)
             self.opt.step(update)  # the server optimizer applies the median update
-        return {"train/loss": mean_metric(ok, "loss"), **counts}
+        return {"train/loss": mean_metric(ok, "loss")}

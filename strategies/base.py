@@ -181,8 +181,8 @@ class ServerStrategy:
         raise NotImplementedError
 
     def aggregate_train(self, server_round: int, replies: Sequence[ClientReply]) -> dict[str, float]:
-        """Fold the round's replies (failed ones included, with ``error`` set) into the global state;
-        return metrics for metrics.csv."""
+        """Fold the round's usable replies into the global state (the loop has screened out failed, empty
+        and non-finite ones and counts them: ``screen``); return metrics for metrics.csv. May be empty."""
         raise NotImplementedError
 
     def global_model(self) -> MultiBranchNet:
@@ -224,15 +224,20 @@ class ServerStrategy:
         raise NotImplementedError
 
 
-def finite_replies(replies: Sequence[ClientReply]) -> tuple[list[ClientReply], dict[str, int]]:
-    """The replies that can be aggregated, and counts of those that cannot (failed, non-finite)."""
+def _finite(arrays: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(a).all()) for a in arrays.values() if a.is_floating_point())
+
+
+def screen(replies: Sequence[ClientReply]) -> tuple[list[ClientReply], dict[str, int]]:
+    """The replies a strategy may aggregate, and counts of those it may not. The round loop calls this once,
+    so ``aggregate_train`` receives only usable replies: no error, at least one example, every array and every
+    statistic finite. ``clients/failed`` counts errors and empty replies, ``clients/nonfinite`` replies with a
+    NaN or Inf (dropped whole, weight 0)."""
     ok, failed, nonfinite = [], 0, 0
     for r in replies:
-        if r.error is not None:
+        if r.error is not None or r.num_examples <= 0:
             failed += 1
-        elif r.num_examples <= 0:
-            failed += 1
-        elif not all(bool(torch.isfinite(a).all()) for a in r.arrays.values() if a.is_floating_point()):
+        elif not (_finite(r.arrays) and _finite(r.stats)):
             nonfinite += 1
         else:
             ok.append(r)

@@ -9,7 +9,8 @@ Parameters:
         ServerOptimizerConfig). sgd with lr 1.0 is McMahan's example-weighted average.
 
 Every client trains the single branch with cross-entropy from logits (the reference code's double softmax
-is not copied). Updates with a non-finite entry, and failed clients, get weight 0 and are counted.
+is not copied). Failed clients and updates with a non-finite entry never reach it: the round loop screens
+them out and counts them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from fedshift.clients.base import TrainTask
 
 from .base import (STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec,
-                   ServerStrategy, finite_replies, mean_metric)
+                   ServerStrategy, mean_metric)
 from .server_optimizer import ServerOptimizer, mean_update
 
 
@@ -37,10 +38,9 @@ class FedAvg(ServerStrategy):
         return [ClientInstruction(c.cid, self.opt.arrays) for c in cohort]
 
     def aggregate_train(self, server_round: int, replies: Sequence[ClientReply]) -> dict[str, float]:
-        ok, counts = finite_replies(replies)
-        if ok:
-            self.opt.step(mean_update(self.opt.arrays, ok))
-        return {"train/loss": mean_metric(ok, "loss"), **counts}
+        if replies:
+            self.opt.step(mean_update(self.opt.arrays, replies))
+        return {"train/loss": mean_metric(replies, "loss")}
 
     def global_model(self):
         self.model.load_state_dict(self.opt.arrays)

@@ -62,7 +62,7 @@ from fedshift.models import ModelOutput
 
 from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec
 from .multibranch import (ClusterParams, MultiBranchStrategy, TemporalPrior, branch_loss, clip_update, cluster_count,
-                          initial_centers, local_features, mean_stat, summed_stat, usable_replies)
+                          initial_centers, local_features, mean_stat, summed_stat)
 
 MEANS, VARS, LOG_WEIGHTS = "fedtem.means", "fedtem.vars", "fedtem.log_weights"
 TRAIN_RESP, RESP, FEAT, SQ, SHARE = "fedtem.train_resp", "fedtem.resp", "fedtem.feat", "fedtem.sq", "fedtem.share"
@@ -128,8 +128,8 @@ class FedTEM(MultiBranchStrategy):
         self.opt.step(update)
 
     def aggregate_train(self, server_round: int, replies: Sequence[ClientReply]) -> dict[str, float]:
-        ok, counts = usable_replies(replies)
-        metrics = self.round_metrics(ok, counts)
+        ok = replies
+        metrics = self.round_metrics(ok)
         shares = None
         if ok:
             self.apply_updates(ok)

@@ -103,7 +103,7 @@ from fedshift.models import ModelOutput
 from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec
 from .multibranch import (ClusterParams, MultiBranchStrategy, TemporalPrior, branch_loss, center_metrics,
                           clip_update, cluster_count, initial_centers, local_features, mean_stat, nearest, one_hot,
-                          scaled_distances, summed_stat, usable_replies)
+                          scaled_distances, summed_stat)
 
 CENTERS, SCALES, ANCHORED = "fedtkm.centers", "fedtkm.scales", "fedtkm.anchored"
 ROWS, COUNTS, ASSIGNED = "fedtkm.center_rows", "fedtkm.center_counts", "fedtkm.assigned"
@@ -171,8 +171,8 @@ class FedTKM(MultiBranchStrategy):
         return [ClientInstruction(c.cid, arrays) for c in cohort]
 
     def aggregate_train(self, server_round: int, replies: Sequence[ClientReply]) -> dict[str, float]:
-        ok, counts = usable_replies(replies)
-        metrics = self.round_metrics(ok, counts)
+        ok = replies
+        metrics = self.round_metrics(ok)
         shares = None
         if ok:
             self.apply_updates(ok)

@@ -34,7 +34,7 @@ from fedshift.evaluation import Routing
 from fedshift.models import ModelOutput, MultiBranchNet
 
 from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec, StrategyParams
-from .multibranch import MultiBranchStrategy, usable_replies
+from .multibranch import MultiBranchStrategy
 
 
 class IFCAParams(StrategyParams):
@@ -79,9 +79,8 @@ class IFCA(MultiBranchStrategy):
         return [ClientInstruction(c.cid, self.opt.arrays) for c in cohort]
 
     def aggregate_train(self, server_round: int, replies: Sequence[ClientReply]) -> dict[str, float]:
-        ok, counts = usable_replies(replies)
-        self.apply_updates(ok)
-        return self.round_metrics(ok, counts)
+        self.apply_updates(replies)
+        return self.round_metrics(replies)
 
     def evaluate(self, test_sets, batch_size: int) -> dict[str, float]:
         use_labels = self.params.test_route == "labels"

@@ -27,7 +27,7 @@ from fedshift.errors import ScenarioError
 from fedshift.models import ModelOutput, MultiBranchNet
 from fedshift.shift import SCHEDULES, ModeSchedule
 
-from .base import ClientReply, ServerStrategy, StrategyParams, StrategySetup, finite_replies, mean_metric
+from .base import ClientReply, ServerStrategy, StrategyParams, StrategySetup, mean_metric
 from .server_optimizer import ServerOptimizer, mean_update
 
 CENTER_STREAM = 5  # random stream of the scenario seed for initial cluster centers
@@ -93,12 +93,12 @@ class MultiBranchStrategy(ServerStrategy):
         if replies:
             self.opt.step(mean_update(self.opt.arrays, replies))
 
-    def round_metrics(self, ok: Sequence[ClientReply], counts: dict[str, int]) -> dict[str, float]:
-        """train/loss, failure counts, and from each client's ``branch`` metric: ``cluster/ratio`` (share of
+    def round_metrics(self, ok: Sequence[ClientReply]) -> dict[str, float]:
+        """train/loss, and from each client's ``branch`` metric: ``cluster/ratio`` (share of
         clients on branch 0) and ``cluster/client_branch_accuracy`` (share whose branch is their true mode's,
         which only the simulator knows; a diagnostic, never used by the algorithm)."""
         branches = [(int(r.metrics["branch"]), r.mode) for r in ok if "branch" in r.metrics]
-        return {"train/loss": mean_metric(ok, "loss"), **counts,
+        return {"train/loss": mean_metric(ok, "loss"),
                 "cluster/ratio": float(np.mean([b == 0 for b, _ in branches])) if branches else float("nan"),
                 "cluster/client_branch_accuracy": (float(np.mean([b == m for b, m in branches]))
                                                    if branches else float("nan"))}
@@ -108,14 +108,6 @@ class MultiBranchStrategy(ServerStrategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.opt.load_state_dict(state["optimizer"])
-
-
-def usable_replies(replies: Sequence[ClientReply]) -> tuple[list[ClientReply], dict[str, int]]:
-    """``finite_replies``, and a reply whose statistics are non-finite is dropped and counted with them."""
-    ok, counts = finite_replies(replies)
-    good = [r for r in ok if all(bool(torch.isfinite(v).all()) for v in r.stats.values() if v.is_floating_point())]
-    counts["clients/nonfinite"] += len(ok) - len(good)
-    return good, counts
 
 
 def summed_stat(replies: Sequence[ClientReply], key: str) -> torch.Tensor:

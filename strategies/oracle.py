@@ -25,7 +25,7 @@ from fedshift.clients.base import TrainTask
 from fedshift.evaluation import votes
 
 from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec
-from .multibranch import LabelSmoothingParams, MultiBranchStrategy, branch_loss, one_hot, usable_replies
+from .multibranch import LabelSmoothingParams, MultiBranchStrategy, branch_loss, one_hot
 
 BRANCH = "oracle.branch"
 
@@ -45,9 +45,8 @@ class Oracle(MultiBranchStrategy):
         return [ClientInstruction(c.cid, self.opt.arrays, {BRANCH: c.mode}) for c in cohort]
 
     def aggregate_train(self, server_round: int, replies: Sequence[ClientReply]) -> dict[str, float]:
-        ok, counts = usable_replies(replies)
-        self.apply_updates(ok)
-        return self.round_metrics(ok, counts)
+        self.apply_updates(replies)
+        return self.round_metrics(replies)
 
     def evaluate(self, test_sets, batch_size: int) -> dict[str, float]:
         def by_mode(output, labels, mode):  # the true mode: knowledge a deployed device does not have

@@ -25,7 +25,6 @@ from fedshift.clients.base import TrainTask
 
 from .base import (STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec, ServerStrategy,
                    mean_metric)
-from .multibranch import usable_replies
 from .server_optimizer import ServerOptimizer, mean_update
 
 
@@ -45,12 +44,11 @@ class Pluralistic(ServerStrategy):
         return [ClientInstruction(c.cid, self.opts[c.mode].arrays) for c in cohort]
 
     def aggregate_train(self, server_round: int, replies: Sequence[ClientReply]) -> dict[str, float]:
-        ok, counts = usable_replies(replies)
         for mode, opt in enumerate(self.opts):
-            mine = [r for r in ok if r.mode == mode]
+            mine = [r for r in replies if r.mode == mode]
             if mine:
                 opt.step(mean_update(opt.arrays, mine))
-        return {"train/loss": mean_metric(ok, "loss"), **counts}
+        return {"train/loss": mean_metric(replies, "loss")}
 
     def model_of_mode(self, mode: int):
         self.model.load_state_dict(self.opts[mode].arrays)

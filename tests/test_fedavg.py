@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fedshift.strategies.base import ClientReply, ServerOptimizerConfig, StrategyParams
+from fedshift.strategies.base import ClientReply, ServerOptimizerConfig, StrategyParams, screen
 from fedshift.strategies.fedavg import FedAvg
 from fedshift.strategies.server_optimizer import ServerOptimizer, mean_update
 
@@ -35,15 +35,19 @@ def test_adam_first_step_moves_by_lr_in_the_update_direction():
     assert torch.allclose(opt.arrays["w"], torch.tensor([0.1, -0.1]), atol=1e-4)
 
 
-def test_fedavg_drops_failed_and_nonfinite_updates():
+def test_the_loop_screens_failed_and_nonfinite_replies_before_fedavg_sees_them():
     model = torch.nn.Module()
     model.register_parameter("w", torch.nn.Parameter(torch.tensor([0.0])))
     s = FedAvg(StrategyParams())
     s.initialize(model)
+    nan_stats = ClientReply(4, 0, 2, {"w": torch.tensor([9.0])}, {}, {"s": torch.tensor([math.nan])})
     replies = [reply(0, 2, [1.0], loss=0.5), reply(1, 2, [math.nan]), ClientReply(2, 1, 0, {}, {}, {}, "boom"),
-               reply(3, 2, [3.0], loss=1.5)]
-    m = s.aggregate_train(0, replies)
+               reply(3, 2, [3.0], loss=1.5), ClientReply(5, 0, 0, {"w": torch.tensor([7.0])}, {}, {}), nan_stats]
+    usable, counts = screen(replies)
+    assert [r.cid for r in usable] == [0, 3]
+    assert counts == {"clients/failed": 2, "clients/nonfinite": 2}  # error and empty; NaN arrays and NaN stats
+    m = s.aggregate_train(0, usable)
+    assert s.opt.arrays["w"].item() == pytest.approx(2.0) and m["train/loss"] == pytest.approx(1.0)
+    assert screen([reply(0, 1, [math.inf])])[0] == []
+    s.aggregate_train(1, [])  # nothing usable: the model stays
     assert s.opt.arrays["w"].item() == pytest.approx(2.0)
-    assert m["clients/failed"] == 1 and m["clients/nonfinite"] == 1 and m["train/loss"] == pytest.approx(1.0)
-    assert s.aggregate_train(1, [reply(0, 1, [math.inf])])["clients/nonfinite"] == 1
-    assert s.opt.arrays["w"].item() == pytest.approx(2.0)  # nothing usable: the model stays

@@ -16,7 +16,7 @@ from fedshift.config import ClientConfig, ComponentParams, EvalConfig
 from fedshift.errors import ScenarioError
 from fedshift.models import ModelOutput, MultiBranchNet
 from fedshift.shift import SCHEDULES, ModeSampler
-from fedshift.strategies.base import ClientJob, ClientReply, ClientSpec, StrategySetup
+from fedshift.strategies.base import ClientJob, ClientReply, ClientSpec, StrategySetup, screen
 from fedshift.strategies.fedtem import FedTEM
 from fedshift.strategies.fedtkm import FedTKM
 from fedshift.strategies.multibranch import TemporalPrior, branch_loss
@@ -72,7 +72,8 @@ def run_round(strategy, server_round: int, cohort: list[ClientSpec], data: dict[
             res.arrays = {k: torch.full_like(v, math.nan) for k, v in res.arrays.items()}
         mode = next(c.mode for c in cohort if c.cid == ins.cid)
         replies.append(ClientReply(ins.cid, mode, res.num_examples, res.arrays, res.metrics, res.stats))
-    return strategy.aggregate_train(server_round, replies)
+    usable, counts = screen(replies)  # as the round loop does
+    return {**strategy.aggregate_train(server_round, usable), **counts}
 
 
 def planted(sep: float = 1.0, spread: float = 0.8, offset: float = 0.0, clients: int = 20, n: int = 40, seed: int = 0):

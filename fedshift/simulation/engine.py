@@ -31,7 +31,7 @@ from ..config import Scenario
 from ..errors import FedshiftError
 from ..recording import Callback, MetricsCSV, TensorBoard, final_period_means, write_json
 from ..shift import ModeSampler
-from ..strategies.base import ClientInstruction, ClientReply, ClientSpec
+from ..strategies.base import ClientInstruction, ClientReply, ClientSpec, screen
 from .executors import EXECUTORS, Executor, FlowerExecutor, InProcessExecutor, UnpackedReply
 from .world import World, resolve_device
 
@@ -333,7 +333,9 @@ class Simulation:
             for k, (m, w) in enumerate(zip(fed.mode_names, self.sampler.schedule.weights(t))):
                 row[f"q/{m}"] = float(w)
                 row[f"clients/{m}"] = sum(1 for c in cohort if c.mode == k)
-            row.update(self.strategy.aggregate_train(t, replies))
+            usable, screened = screen(replies)  # strategies see usable replies only
+            row["clients/nonfinite"] = screened["clients/nonfinite"]
+            row.update(self.strategy.aggregate_train(t, usable))
             self.trainer_broadcast = self.world.trainer.aggregate_stats(
                 t, [(r.num_examples, r.mode, r.trainer_stats) for r in replies if r.error is None])
             reasons = [failure_reason(r.error) for r in replies if r.error is not None]
