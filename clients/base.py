@@ -77,12 +77,18 @@ class TrainTask:
     """What the server algorithm asks local training to minimise.
 
     ``loss(output, batch)`` returns the per-example loss; by default cross-entropy of ``branch``'s logits.
-    ``trainable`` restricts which parameters train (names; None = all).
+    ``trainable`` restricts which parameters train (names; None = all). ``proximal_mu`` with ``anchor`` (parameter
+    name -> the weights received) adds FedProx's proximal term (mu / 2) ||w - anchor||^2 to the local objective of
+    whatever client training strategy runs: its gradient mu (w - anchor) is added to every trained parameter's
+    gradient before each optimizer step (the same step as putting the term in the loss), and its value is the
+    ``proximal`` metric.
     """
 
     branch: int = 0
     loss_fn: LossFn | None = None
     trainable: list[str] | None = None
+    proximal_mu: float = 0.0
+    anchor: dict[str, torch.Tensor] | None = None
 
     def loss(self, output: ModelOutput, batch: Batch) -> torch.Tensor:
         if self.loss_fn is not None:
@@ -145,6 +151,27 @@ class TrainContext:
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
+def add_proximal_gradient(ctx: TrainContext) -> None:
+    """Before every step of ``ctx.optimizer``: grad += mu (w - anchor) for each trained parameter with an anchor,
+    the gradient of (mu / 2) ||w - anchor||^2, whose value goes to ``ctx.loss_terms["proximal"]``."""
+    mu = ctx.task.proximal_mu
+    names = {id(p): n for n, p in ctx.model.named_parameters()}
+    pairs = [(p, ctx.task.anchor[names[id(p)]].to(p.device)) for group in ctx.optimizer.param_groups
+             for p in group["params"] if names.get(id(p)) in ctx.task.anchor]
+
+    def pre_step(optimizer, args, kwargs):
+        with torch.no_grad():
+            term = torch.zeros((), device=ctx.device)
+            for p, a in pairs:
+                diff = p - a
+                term += (diff * diff).sum()
+                if p.grad is not None:
+                    p.grad.add_(diff, alpha=mu)
+            ctx.loss_terms["proximal"] = 0.5 * mu * term
+
+    ctx.optimizer.register_step_pre_hook(pre_step)
+
+
 class ClientTrainer:
     """Base class of client training strategies. Subclass, set ``name`` (and ``Params`` for
     hyperparameters), register with ``@CLIENT_STRATEGIES.register(name)``, implement ``update``."""
@@ -166,6 +193,8 @@ class ClientTrainer:
         """Local training for one round: ``update`` on every batch of every local epoch."""
         self.train_mode(ctx)
         ctx.optimizer = ctx.make_optimizer()
+        if ctx.task.proximal_mu > 0 and ctx.task.anchor:
+            add_proximal_gradient(ctx)
         totals: dict[str, torch.Tensor] = {}
         steps = 0
         for _ in range(self.settings.local_epochs):

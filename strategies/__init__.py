@@ -3,6 +3,7 @@
 from .base import (STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec,
                    ServerStrategy, StrategyParams, StrategySetup)
 from .fedavg import FedAvg
+from .fedprox import FedProx
 from .fedtem import FedTEM
 from .fedtkm import FedTKM
 from .ifca import IFCA
@@ -10,4 +11,4 @@ from .oracle import Oracle
 from .pluralistic import Pluralistic
 
 __all__ = ["IFCA", "STRATEGIES", "ClientInstruction", "ClientJob", "ClientReply", "ClientResult", "ClientSpec", "FedAvg",
-           "FedTEM", "FedTKM", "Oracle", "Pluralistic", "ServerStrategy", "StrategyParams", "StrategySetup"]
+           "FedProx", "FedTEM", "FedTKM", "Oracle", "Pluralistic", "ServerStrategy", "StrategyParams", "StrategySetup"]
