@@ -1,10 +1,13 @@
-"""``fedshift bench``: fedshift against the physical limit and against a plain Flower simulation.
+"""``fedshift bench``: fedshift against the machine's limit and against a plain Flower simulation.
 
 Three implementations run the same workload in one invocation, on the same machine:
 
-- ``raw``: one process, no messaging, data preloaded on the device; the same clients, the same local steps
-  (the very ``World.run_client`` that fedshift's workers run) and the same aggregation (the strategy's
-  ``aggregate_train``). The physical limit of this arithmetic on this machine.
+- ``raw``: the machine's limit, measured in the same run: the real round loop (``Simulation.serve_with``: the
+  same cohorts, the same client work, ``World.run_client``, the same aggregation and evaluation) without
+  Flower, Ray or messages, its clients run two ways: (a) all in this process with as many torch threads as
+  CPUs (``InProcessExecutor(threads=os.cpu_count())``) and (b) in as many single-thread worker processes as
+  CPUs (``MultiprocessExecutor(os.cpu_count())``, data built once per process). ``raw`` is the better of the
+  two; both are reported, with which won.
 - ``fedshift``: the real engine (Flower ServerApp/ClientApp on Ray), with evaluation only at the end.
 - ``flower``: a plain Flower simulation written the way Flower's tutorials write it: one supernode per
   client, a ClientApp that loads its partition and builds its model on every call, flwr's own FedAvg.
@@ -81,10 +84,12 @@ def _worker_pids() -> list[int]:
 
 
 class MemorySampler:
-    """Samples the RSS of the Ray client workers (summed) and of this process, every ``interval`` seconds."""
+    """Samples the RSS of the client workers (summed; ``pids``: the Ray workers unless told) and of this process,
+    every ``interval`` seconds."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, interval: float = 0.5, pids=None):
         self.interval, self.workers_peak_mb, self.driver_peak_mb = interval, 0.0, 0.0
+        self.pids = pids or _worker_pids
         self.driver_series: list[float] = []
         self._stop = threading.Event()
         self._th = threading.Thread(target=self._run, daemon=True)
@@ -95,7 +100,7 @@ class MemorySampler:
             self._stop.wait(self.interval)
 
     def sample(self) -> None:
-        workers = sum(_rss_mb(p) for p in _worker_pids())
+        workers = sum(_rss_mb(p) for p in self.pids())
         self.workers_peak_mb = max(self.workers_peak_mb, workers)
         drv = _rss_mb()
         self.driver_series.append(drv)
@@ -126,40 +131,6 @@ def _result(round_times: list[float], clients_per_round: int, first_round_end_s:
                                            driver_mb_per_round[-1]]}
 
 
-def bench_raw(scenario: Scenario) -> dict[str, Any]:
-    """The physical limit: the same client work and aggregation in one process, no messaging."""
-    from .shift import ModeSampler
-    from .simulation.world import World
-    from .strategies.base import ClientReply, ClientSpec
-
-    t0 = time.perf_counter()
-    world = World.build(scenario, on_worker=True)  # this process plays every client
-    mem_series = []
-    strategy = world.strategy
-    strategy.initialize(world.model)
-    sampler = ModeSampler(strategy.setup.schedule, world.federation.pools(), scenario.clients_per_round, scenario.seed)
-    states: dict[int, dict] = {}
-    times, first_end = [], 0.0
-    for t in range(scenario.rounds):
-        t1 = time.perf_counter()
-        cohort = [ClientSpec(c, m) for c, m in sampler.cohort(t)]
-        replies = []
-        for ins, spec in zip(strategy.configure_train(t, cohort), cohort):
-            state = states.setdefault(ins.cid, {})
-            ins_arrays = {k: v.clone() for k, v in ins.arrays.items()}  # what a message would deliver
-            result, tstats = world.run_client(type(ins)(ins.cid, ins_arrays, dict(ins.config)), t, state)
-            replies.append(ClientReply(ins.cid, spec.mode, result.num_examples,
-                                       {k: v.detach().to("cpu", copy=True) for k, v in result.arrays.items()},
-                                       result.metrics, result.stats, None, tstats))
-        strategy.aggregate_train(t, replies)
-        if world.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t1)
-        first_end = first_end or time.perf_counter() - t0
-        mem_series.append(_rss_mb())
-    return _result(times, scenario.clients_per_round, first_end, None, mem_series)
-
-
 class _RoundClock(Callback):
     def __init__(self):
         self.t0 = time.perf_counter()
@@ -182,6 +153,42 @@ def bench_fedshift(scenario: Scenario, out: Path) -> dict[str, Any]:
     return _result(clock.times, scenario.clients_per_round, clock.first_end, mem, clock.driver_mb)
 
 
+def limit_label(processes: int, threads: int) -> str:
+    return (f"limit: {processes} process{'es' if processes > 1 else ''} x "
+            f"{threads} thread{'s' if threads > 1 else ''}")
+
+
+def bench_limit(scenario: Scenario, out: Path, executor) -> dict[str, Any]:
+    """The real round loop over ``executor`` (no Flower, no Ray), timed as ``bench_fedshift`` times a run."""
+    from .simulation import Simulation
+
+    pids = getattr(executor, "pids", lambda: [])
+    with MemorySampler(pids=pids) as mem:
+        clock = _RoundClock()
+        try:
+            Simulation(scenario, out, [clock]).serve_with(executor)
+            mem.sample()  # the workers, before they end
+        finally:
+            close = getattr(executor, "close", None)
+            if close is not None:
+                close()
+    return _result(clock.times, scenario.clients_per_round, clock.first_end, mem, clock.driver_mb)
+
+
+def bench_raw(scenario: Scenario, tmp: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], str]:
+    """The machine's limit: the real loop with every client in this process on all CPUs' threads, and in one
+    single-thread worker process per CPU. Returns the better result (``raw``), both candidates, the winner."""
+    from .simulation.executors import InProcessExecutor
+    from .simulation.multiprocess import MultiprocessExecutor
+
+    n = os.cpu_count() or 1
+    in_workers = limit_label(n, 1) if n > 1 else "limit: 1 worker process x 1 thread"  # two names on 1 CPU
+    candidates = {limit_label(1, n): bench_limit(scenario, tmp / "limit-one-process", InProcessExecutor(threads=n)),
+                  in_workers: bench_limit(scenario, tmp / "limit-processes", MultiprocessExecutor(n))}
+    won = min(candidates, key=lambda k: candidates[k]["s_per_round"])
+    return {**candidates[won], "limit": won}, candidates, won
+
+
 def bench_flower(scenario: Scenario) -> dict[str, Any]:
     from . import _flower_baseline
 
@@ -201,9 +208,14 @@ def run_bench(workload: str, rounds: int, json_path: str | None, skip: list[str]
     if workload == "C" and device != "cuda":
         console.print("[yellow]workload C is a GPU workload; no CUDA device here, running it on CPU[/]")
     results: dict[str, dict] = {}
+    limit: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fn in [("raw", lambda: bench_raw(scenario)),
-                         ("fedshift", lambda: bench_fedshift(scenario, Path(tmp) / "run")),
+        if "raw" not in skip:
+            console.print("running raw (the machine's limit: one process on all threads, and one single-thread "
+                          "process per CPU) ...")
+            results["raw"], candidates, won = bench_raw(scenario, Path(tmp))
+            limit = {"candidates": candidates, "won": won}
+        for name, fn in [("fedshift", lambda: bench_fedshift(scenario, Path(tmp) / "run")),
                          ("flower", lambda: bench_flower(scenario))]:
             if name in skip:
                 continue
@@ -219,15 +231,19 @@ def run_bench(workload: str, rounds: int, json_path: str | None, skip: list[str]
     report = {"workload": workload, "about": WORKLOADS[workload]["about"], "rounds": rounds, "device": device,
               "machine": {"cpus": os.cpu_count(), "cpu": cpu_name,
                           "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
-              "backend": scenario.backend.model_dump(), "results": results, "ratios": ratios}
+              "backend": scenario.backend.model_dump(), "results": results, "limit": limit, "ratios": ratios}
     table = Table(title=f"workload {workload}: {WORKLOADS[workload]['about']}; {rounds} rounds, {device}, "
                         f"{os.cpu_count()} cpus")
     for col in ["impl", "s/round (median)", "updates/s", "start-up s", "peak driver MB", "peak workers MB"]:
         table.add_column(col, justify="right")
-    for name, r in results.items():
+    rows = [*((f"{label} (raw)" if label == limit["won"] else label, r)
+              for label, r in limit.get("candidates", {}).items()),
+            *((name, r) for name, r in results.items() if name != "raw")]
+    for name, r in rows:
         table.add_row(name, f"{r['s_per_round']:.4f}", f"{r['client_updates_per_s']:.1f}", f"{r['startup_s']:.1f}",
-                      f"{r['peak_driver_mb']:.0f}", f"{r['peak_workers_mb']:.0f}")
-    table.caption = "  ".join(f"{k} = {v:.2f}" for k, v in ratios.items())
+                      f"{r['peak_driver_mb']:.0f}", f"{r['peak_workers_mb']:.0f}" if r["peak_workers_mb"] else "-")
+    table.caption = "  ".join([*([f"raw = the better limit ({limit['won'].removeprefix('limit: ')})"] if limit else []),
+                               *(f"{k} = {v:.2f}" for k, v in ratios.items())])
     console.print(table)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2))

@@ -160,7 +160,8 @@ def bench(
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="leave out raw, fedshift or flower")] = None,
     set_: SetOption = None,
 ) -> None:
-    """Time fedshift against the raw PyTorch loop (the physical limit) and a plain Flower simulation."""
+    """Time fedshift against the machine's limit (raw: the loop without Flower, one process on all threads or
+    one single-thread process per CPU, the better) and a plain Flower simulation."""
     from .bench import WORKLOADS, run_bench
 
     if workload not in WORKLOADS:
