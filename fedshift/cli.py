@@ -183,6 +183,9 @@ def compare(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="grid directory (default: <output.dir>/compare-<name>-<time>); re-run into it to finish an interrupted grid")] = None,
     parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, help="cells at once, each in its own process with cores/N CPUs for Ray")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    executor: Annotated[str, typer.Option("--executor", "-x", help="flower (Ray workers, default) or inprocess (each "
+                                          "cell's clients in its own process, no Ray: same metrics, faster for "
+                                          "small scenarios)")] = "flower",
 ) -> None:
     """Run a scenario over strategies x client strategies x seeds: one run directory per cell, results.csv
     with each cell's final-period accuracy per mode, and a table of mean +- std over seeds.
@@ -190,8 +193,12 @@ def compare(
     Every cell is validated before anything runs (exit code 2 with the key path). Exit code 1 if a cell failed."""
     from .compare import accuracy_columns, group_stats, parse_seeds, parse_sweeps, plan_grid, run_grid, split_list
 
+    from .simulation.executors import EXECUTORS
+
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
+        if executor not in EXECUTORS:
+            raise FedshiftError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
         plan = plan_grid(scenario, split_list(strategies, "--strategies") if strategies else None,
                          split_list(client_strategies, "--client-strategies") if client_strategies else None,
                          parse_seeds(seeds) if seeds else None, set_ or [], parse_sweeps(sweep or []), out, parallel)
@@ -223,7 +230,7 @@ def compare(
     def progress(cell, sc) -> list:
         return [] if quiet else [_TransientProgress(sc.rounds, sc.mode_names)]
 
-    results = run_grid(plan, parallel, on_start, on_done, progress)
+    results = run_grid(plan, parallel, on_start, on_done, progress, executor)
     table = Table(title=f"{plan.source}: final-period accuracy, mean ± std over seeds")
     table.add_column("strategy")
     table.add_column("client strategy")

@@ -262,14 +262,14 @@ def _existing(run_dir: Path, scenario: Scenario) -> str:
 
 
 def _run_cell(scenario_data: dict[str, Any], run_dir: str, action: str,
-              callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+              callbacks: Sequence[Callback] = (), executor: str = "flower") -> dict[str, Any]:
     """Run (or resume) one cell in this process; returns its summary. Also the worker of ``--parallel``."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from .simulation import Simulation
 
     if action == "resume":
-        return Simulation.resume(run_dir, callbacks).run().summary
-    return Simulation(validate_scenario(scenario_data), run_dir, callbacks).run().summary
+        return Simulation.resume(run_dir, callbacks).run(executor).summary
+    return Simulation(validate_scenario(scenario_data), run_dir, callbacks).run(executor).summary
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:
@@ -280,9 +280,10 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
 
 def run_grid(plan: Plan, parallel: int = 1, on_start: Callable[[Cell, int], None] | None = None,
              on_done: Callable[[CellResult, int], None] | None = None,
-             callbacks: Callable[[Cell, Scenario], list[Callback]] | None = None) -> list[CellResult]:
+             callbacks: Callable[[Cell, Scenario], list[Callback]] | None = None,
+             executor: str = "flower") -> list[CellResult]:
     """Run every cell (``parallel`` at a time, in separate processes when > 1) and write results.csv after
-    each one. A cell that fails is recorded and the others go on. Ctrl-C stops the cells in progress at a
+    each one. ``executor``: how each cell runs its clients (``flower``: Ray workers; ``inprocess``). A cell that fails is recorded and the others go on. Ctrl-C stops the cells in progress at a
     round boundary with a checkpoint (and starts no more), so the same command resumes the grid.
     ``callbacks(cell, scenario)`` gives extra run callbacks (a progress bar), when cells run in this process."""
     from .simulation.engine import Interrupted
@@ -316,7 +317,7 @@ def run_grid(plan: Plan, parallel: int = 1, on_start: Callable[[Cell, int], None
             extra = callbacks(cell, plan.scenarios[cell]) if callbacks else []
             try:
                 summary = _run_cell(plan.scenarios[cell].to_dict(), str(plan.out_dir / cell.name),
-                                    plan.action[cell], extra)
+                                    plan.action[cell], extra, executor)
             except (Interrupted, KeyboardInterrupt) as exc:
                 finish(i, cell, None, exc)
                 break
@@ -337,7 +338,7 @@ def run_grid(plan: Plan, parallel: int = 1, on_start: Callable[[Cell, int], None
                     if on_start:
                         on_start(cell, i)
                     fut = pool.submit(_run_cell, plan.scenarios[cell].to_dict(), str(plan.out_dir / cell.name),
-                                      plan.action[cell])
+                                      plan.action[cell], (), executor)
                     running[fut] = (i, cell)
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
