@@ -71,7 +71,7 @@ def run(scenario) -> tuple[list[float], float, list[float]]:
     from .bench import _rss_mb
     from flwr.simulation import run_simulation
 
-    from .simulation.engine import Simulation
+    from .simulation.flower.runtime import backend_config
 
     text = scenario.to_yaml()
     _, fed = _federation(text)
@@ -95,7 +95,7 @@ def run(scenario) -> tuple[list[float], float, list[float]]:
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=scenario.rounds,
                        train_config=ConfigRecord({"scenario": text}), evaluate_fn=timestamp)
 
-    backend = Simulation.backend_config_of(scenario)
+    backend = backend_config(scenario)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.WARNING)  # flwr's per-round INFO lines would bury the table

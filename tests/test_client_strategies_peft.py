@@ -21,7 +21,7 @@ from fedshift.config import ClientConfig
 from fedshift.errors import ScenarioError
 from fedshift.models import ARCHITECTURES
 from fedshift.simulation.engine import Simulation
-from fedshift.simulation.transport import unpack_instructions
+from fedshift.simulation.flower.transport import unpack_instructions
 from fedshift.simulation.world import World
 from fedshift.strategies.base import ClientInstruction
 

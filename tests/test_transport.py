@@ -1,7 +1,7 @@
 import torch
 from flwr.app import RecordDict
 
-from fedshift.simulation.transport import (add_error, add_reply, pack_instructions, unpack_instructions,
+from fedshift.simulation.flower.transport import (add_error, add_reply, pack_instructions, unpack_instructions,
                                            unpack_reply)
 from fedshift.strategies.base import ClientInstruction
 

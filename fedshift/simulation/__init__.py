@@ -9,12 +9,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .engine import RunResult, Simulation, run_many, run_scenario
+    from .engine import RunResult, Simulation, run_scenario
+    from .flower.runtime import run_many
 
 __all__ = ["RunResult", "Simulation", "run_many", "run_scenario"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "run_many":
+        from .flower.runtime import run_many
+
+        return run_many
     if name in __all__:
         from . import engine
 

@@ -1,4 +1,5 @@
-"""One simulated federation, end to end: Flower ServerApp + ClientApp on the Ray backend.
+"""One simulated federation, end to end: the round loop, over Flower and Ray (fedshift/simulation/flower/) or in
+process (fedshift/simulation/executors.py).
 
 The ServerApp's main loop is fedshift's own (Flower's ``Strategy.start`` samples nodes at random; here the
 scenario decides the cohort): each round the sampler draws the cohort, the server strategy builds one
@@ -16,7 +17,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,14 +31,13 @@ from ..config import Scenario
 from ..errors import FedshiftError
 from ..recording import Callback, MetricsCSV, TensorBoard, final_period_means, write_json
 from ..shift import ModeSampler
-from ..strategies.base import ClientInstruction, ClientReply, ClientSpec, screen
-from .executors import EXECUTORS, Executor, FlowerExecutor, InProcessExecutor, UnpackedReply
+from ..strategies.base import ClientReply, ClientSpec, screen
+from .executors import EXECUTORS, Executor, InProcessExecutor, UnpackedReply
 from .world import World, resolve_device
 
 log = logging.getLogger("fedshift")
 
 NODE_WAIT_S = 120.0
-WARM_UP_S = 1800.0  # building the data of a big scenario (decoding EMNIST, say) can take minutes
 
 
 @dataclass
@@ -217,28 +216,10 @@ class Simulation:
 
     # ------------------------------------------------------------------ Flower plumbing
     def backend_config(self) -> dict[str, Any]:
-        return self.backend_config_of(self.scenario)
+        """Flower's backend_config for this run (fedshift/simulation/flower/runtime.py)."""
+        from .flower.runtime import backend_config
 
-    @staticmethod
-    def backend_config_of(scenario: Scenario) -> dict[str, Any]:
-        """Flower's backend_config for a scenario: client resources and ray.init arguments."""
-        b = scenario.backend
-        num_gpus = b.num_gpus
-        if num_gpus == 0 and b.device != "cpu" and torch.cuda.is_available():
-            # Ray hides the GPU from actors that ask for none: share it between the CPU slots
-            slots = max(1, int((b.ray_num_cpus or os.cpu_count() or 1) // b.num_cpus))
-            num_gpus = 1.0 / slots
-        init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
-        if b.ray_address:
-            init_args["address"] = b.ray_address
-        else:
-            # "local" starts a fresh Ray instance: a plain ray.init() would join any cluster that `ray start`
-            # left on this machine (/tmp/ray/ray_current_cluster) and then refuse num_cpus
-            init_args.update(address="local", num_cpus=b.ray_num_cpus or os.cpu_count() or 1)
-        # Flower hands client_resources to ray's actor.options(): max_restarts brings a crashed client
-        # process back (its clients of that round fail and are counted), instead of a pool that shrinks to zero
-        resources = {"num_cpus": b.num_cpus, "num_gpus": num_gpus, "max_restarts": -1}
-        return {"client_resources": resources, "init_args": init_args}
+        return backend_config(self.scenario)
 
     def run(self, executor: str = "flower") -> RunResult:
         """Drive every round and return the run's result. ``executor``: ``flower`` (start Ray and Flower's
@@ -249,6 +230,8 @@ class Simulation:
                 return self.serve_with(InProcessExecutor())
         if executor != "flower":
             raise FedshiftError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}")
+        from .flower.runtime import run_many
+
         outcome = run_many([self])[0]
         if isinstance(outcome, BaseException):
             raise outcome
@@ -256,8 +239,10 @@ class Simulation:
 
     def serve(self, grid) -> RunResult:
         """The whole run over a Flower grid whose supernodes someone else started (``flwr run``'s
-        ServerApp, fedshift/flwr_app.py). ``run()`` is the same start, loop and result around its own
+        ServerApp, fedshift/simulation/flower/app.py). ``run()`` is the same start, loop and result around its own
         ``run_simulation``."""
+        from .flower.executor import FlowerExecutor
+
         return self.serve_with(FlowerExecutor(grid))
 
     def serve_with(self, executor: Executor) -> RunResult:
@@ -430,66 +415,6 @@ def _stop_on_signals(stop: threading.Event):
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
-
-
-def run_many(simulations: Sequence[Simulation]) -> list[RunResult | BaseException]:
-    """Run several simulations one after the other in one Flower simulation runtime: Ray and its client
-    processes start once (about 10 s on 2 cores) instead of once per run, and each process keeps the data of
-    the last two scenarios it served. They need the same ``backend`` section (the runtime's resources).
-
-    Returns, in order, each simulation's RunResult or the exception it raised. A simulation that raises
-    (an error on the server side) ends the runtime: those after it are not run and get a RuntimeError saying so.
-    """
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
-
-    from .client_app import app as client_app
-
-    if not simulations:
-        return []
-    backend = simulations[0].backend_config()
-    for sim in simulations[1:]:
-        if sim.backend_config() != backend:
-            raise ValueError(f"run_many: {sim.scenario.name!r} has another backend section than "
-                             f"{simulations[0].scenario.name!r}; runs in one runtime share it")
-    from . import flower_patches
-
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    flower_patches.install()
-    outcomes: list[RunResult | BaseException | None] = [None] * len(simulations)
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context) -> None:  # runs in a thread of this process
-        for i, sim in enumerate(simulations):
-            try:
-                outcomes[i] = sim.serve(grid)
-            except BaseException as exc:  # kept, returned after Flower has shut Ray down
-                outcomes[i] = exc
-                if not isinstance(exc, (Interrupted, FedshiftError)):
-                    raise
-                if sim._stop.is_set():
-                    return
-
-    stop = threading.Event()
-    for sim in simulations:
-        sim._stop = stop  # one Ctrl-C stops the run in progress (with its checkpoint) and the rest
-    flwr_logger = logging.getLogger("flwr")
-    old_level = flwr_logger.level
-    flwr_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), _stop_on_signals(stop):
-            warnings.simplefilter("ignore")
-            run_simulation(server_app=server_app, client_app=client_app,
-                           num_supernodes=max(sim.num_tasks for sim in simulations), backend_config=backend)
-    except BaseException:
-        if not any(isinstance(o, BaseException) for o in outcomes):
-            raise
-    finally:
-        flwr_logger.setLevel(old_level)
-    return [o if o is not None else RuntimeError(f"{sim.scenario.name!r} was not run: a simulation before it "
-                                                 "failed or the run was stopped")
-            for o, sim in zip(outcomes, simulations)]
 
 
 def run_scenario(scenario: Scenario, out: str | Path | None = None, callbacks: Sequence[Callback] = (),

@@ -9,8 +9,8 @@ for every instruction and in its order, what a worker would have sent back (an `
   instance is not the server's, exactly as on a worker, so a client half that reads server state fails here
   too). No Flower, no Ray: tests, research runs, debugging with pdb, the benchmark's baseline, and machines
   without Ray (the lent GPU machine). For the same scenario and seed it gives the same metrics as Flower.
-- ``FlowerExecutor``: each pack of clients is one Flower Message to a supernode of the Ray simulation runtime
-  (fedshift/simulation/client_app.py plays it); imports flwr only when built.
+- ``FlowerExecutor`` (fedshift/simulation/flower/executor.py, with every other Flower detail in that folder):
+  each pack of clients is one Flower Message to a supernode of the Ray simulation runtime.
 """
 
 from __future__ import annotations
@@ -133,58 +133,3 @@ class InProcessExecutor:
         if limit is not None and time.perf_counter() - t0 > limit:
             return [UnpackedReply("no reply") for _ in pack]
         return replies
-
-
-class FlowerExecutor:
-    """Packs of clients as Flower Messages to the supernodes of a running Flower simulation (``grid``)."""
-
-    name = "flower"
-
-    def __init__(self, grid):
-        self.grid = grid
-        self.nodes: list[int] = []
-
-    def start(self, sim: Simulation) -> None:
-        from . import flower_patches
-
-        flower_patches.tune_grid(self.grid)
-        self.nodes = sim.wait_for_nodes(self.grid)
-        self._warm_up(sim)
-
-    def _warm_up(self, sim: Simulation) -> None:
-        """One query per supernode: every client process starts and builds its World before round 0."""
-        from flwr.app import ConfigRecord, Message, RecordDict
-
-        from .engine import WARM_UP_S
-        from .transport import SCENARIO
-
-        messages = [Message(RecordDict({"config": ConfigRecord({SCENARIO: sim.scenario_text})}),
-                            dst_node_id=node, message_type="query") for node in self.nodes]
-        replies = list(self.grid.send_and_receive(messages, timeout=WARM_UP_S))
-        errors = [r.error.reason for r in replies if r.has_error()]
-        if errors or len(replies) < len(self.nodes):
-            raise RuntimeError(f"the client processes could not start: {errors[0] if errors else 'no reply in time'}")
-
-    def execute(self, sim: Simulation, server_round: int,
-                instructions: list[ClientInstruction]) -> list[UnpackedReply]:
-        from flwr.app import Message
-
-        from .transport import pack_instructions, unpack_reply
-
-        p = sim.clients_per_task
-        packs: dict[int, list[int]] = {}  # node -> positions of its instructions
-        messages = []
-        for node, start in zip(self.nodes, range(0, len(instructions), p)):
-            pack = instructions[start:start + p]
-            content = pack_instructions(pack, [sim.client_states.get(i.cid, {}) for i in pack], server_round,
-                                        sim.scenario_text, sim.trainer_broadcast)
-            messages.append(Message(content, dst_node_id=node, message_type="train"))
-            packs[node] = list(range(start, start + len(pack)))
-        out: list[UnpackedReply | None] = [None] * len(instructions)
-        for msg in self.grid.send_and_receive(messages, timeout=sim.scenario.faults.time_limit_s):
-            for i, pos in enumerate(packs.get(msg.metadata.src_node_id, [])):
-                if msg.has_error():
-                    out[pos] = UnpackedReply(f"Flower error {msg.error.code}: {msg.error.reason}")
-                else:
-                    out[pos] = unpack_reply(msg.content, i)
-        return [r if r is not None else UnpackedReply("no reply") for r in out]  # time limit, lost message

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 # counted as "crashed" by the loop (failure_reason: an error that starts with "Flower error")
 DIED = "Flower error (multiprocess): the worker process died"
-START_TIMEOUT_S = 1800.0  # building the data of a big scenario can take minutes (engine.WARM_UP_S)
+START_TIMEOUT_S = 1800.0  # building the data of a big scenario can take minutes (flower.executor.WARM_UP_S)
 
 
 def _dumps(obj: Any) -> bytes:

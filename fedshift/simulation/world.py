@@ -36,7 +36,7 @@ def resolve_device(scenario: Scenario) -> torch.device:
     want = scenario.backend.device
     if want == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    # clients too: with num_gpus 0 the engine shares the GPU among the client slots (backend_config_of)
+    # clients too: with num_gpus 0 the engine shares the GPU among the client slots (flower/runtime.py: backend_config)
     return torch.device("cuda")
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..strategies.base import ClientInstruction
-from .executors import UnpackedReply
+from ...strategies.base import ClientInstruction
+from ..executors import UnpackedReply
 
 ROUND, SCENARIO, CIDS = "fedshift.round", "fedshift.scenario", "fedshift.cids"
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..faults import DroppedOut
-from .executors import failure_text
+from ...faults import DroppedOut
+from ..executors import failure_text
+from ..world import world_for
 from .transport import SCENARIO, add_error, add_reply, unpack_instructions
-from .world import world_for
 
 app = ClientApp()
 

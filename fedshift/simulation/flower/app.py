@@ -1,7 +1,7 @@
 """``flwr run .``: the same fedshift run as ``fedshift run``, under Flower's own simulation runtime.
 
 pyproject.toml's ``[tool.flwr.app.components]`` names ``server_app`` (below) and the ClientApp
-``fedshift.simulation.client_app:app``; ``[tool.flwr.app.config]`` declares the run config this ServerApp
+``fedshift.simulation.flower.client_app:app``; ``[tool.flwr.app.config]`` declares the run config this ServerApp
 reads (override with ``flwr run . local -c "key='value'"``):
 
 - ``scenario``: a built-in scenario name or a scenario file (an absolute path: the app does not run in the
@@ -32,9 +32,9 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .errors import FedshiftError
-from .recording import Callback
-from .simulation.client_app import app as client_app
+from ...errors import FedshiftError
+from ...recording import Callback
+from .client_app import app as client_app
 
 log = logging.getLogger("flwr")  # Flower streams this logger's records to `flwr run --stream` / `flwr log`
 
@@ -119,8 +119,8 @@ server_app = ServerApp()
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    from .config import load_scenario
-    from .simulation import Simulation
+    from ...config import load_scenario
+    from .. import Simulation
 
     try:
         cfg = parse_run_config(context.run_config)
