@@ -9,6 +9,7 @@ from .fedtkm import FedTKM
 from .ifca import IFCA
 from .oracle import Oracle
 from .pluralistic import Pluralistic
+from .server_optimizer import ModelStrategy
 
-__all__ = ["IFCA", "STRATEGIES", "ClientInstruction", "ClientJob", "ClientReply", "ClientResult", "ClientSpec", "FedAvg",
+__all__ = ["IFCA", "STRATEGIES", "ModelStrategy", "ClientInstruction", "ClientJob", "ClientReply", "ClientResult", "ClientSpec", "FedAvg",
            "FedProx", "FedTEM", "FedTKM", "Oracle", "Pluralistic", "ServerStrategy", "StrategyParams", "StrategySetup"]

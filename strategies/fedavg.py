@@ -19,20 +19,15 @@ from collections.abc import Sequence
 
 from fedshift.clients.base import TrainTask
 
-from .base import (STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec,
-                   ServerStrategy, mean_metric)
-from .server_optimizer import ServerOptimizer, mean_update
+from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec, mean_metric
+from .server_optimizer import ModelStrategy, mean_update
 
 
 @STRATEGIES.register("fedavg")
-class FedAvg(ServerStrategy):
+class FedAvg(ModelStrategy):
     """FedAvg: example-weighted averaging of client updates, with an optional server optimizer."""
 
     name = "fedavg"
-
-    def initialize(self, model) -> None:
-        super().initialize(model)
-        self.opt = ServerOptimizer(self.params.server_optimizer, model.state_dict())
 
     def configure_train(self, server_round: int, cohort: Sequence[ClientSpec]) -> list[ClientInstruction]:
         return [ClientInstruction(c.cid, self.opt.arrays) for c in cohort]
@@ -41,16 +36,6 @@ class FedAvg(ServerStrategy):
         if replies:
             self.opt.step(mean_update(self.opt.arrays, replies))
         return {"train/loss": mean_metric(replies, "loss")}
-
-    def global_model(self):
-        self.model.load_state_dict(self.opt.arrays)
-        return self.model
-
-    def state_dict(self):
-        return {"optimizer": self.opt.state_dict()}
-
-    def load_state_dict(self, state):
-        self.opt.load_state_dict(state["optimizer"])
 
     def client_update(self, job: ClientJob) -> ClientResult:
         metrics = job.train(TrainTask(branch=0))

@@ -1,7 +1,8 @@
 """Math shared by the multi-branch strategies (fedtkm, fedtem, oracle, ifca).
 
-- ``MultiBranchStrategy``: the server half they share (one ServerOptimizer over trunk + all heads, updates
-  averaged per parameter name among the clients that sent it, i.e. per branch group; round metrics);
+- ``MultiBranchStrategy``: the server half they share (a ModelStrategy: one ServerOptimizer over trunk + all
+  heads, updates averaged per parameter name among the clients that sent it, i.e. per branch group; round
+  metrics);
 - ``branch_loss``: cross-entropy on the chosen branch(es) plus the label-smoothing KL on the others
   (FEDTKM.md section 3, step 2);
 - ``TemporalPrior``: the expected share of each cluster one round late, and the geometric step
@@ -14,7 +15,7 @@ Branch voting (``majority_vote``) lives in fedshift.evaluation, which routes tes
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,8 +28,8 @@ from fedshift.errors import ScenarioError
 from fedshift.models import ModelOutput, MultiBranchNet
 from fedshift.shift import SCHEDULES, ModeSchedule
 
-from .base import ClientReply, ServerStrategy, StrategyParams, StrategySetup, mean_metric
-from .server_optimizer import ServerOptimizer, mean_update
+from .base import ClientReply, StrategyParams, StrategySetup, mean_metric
+from .server_optimizer import ModelStrategy, mean_update
 
 CENTER_STREAM = 5  # random stream of the scenario seed for initial cluster centers
 
@@ -74,20 +75,12 @@ def cluster_count(params: ClusterParams, num_modes: int) -> int:
 # ------------------------------------------------------------------------------------------ server side
 
 
-class MultiBranchStrategy(ServerStrategy):
+class MultiBranchStrategy(ModelStrategy):
     """Server half shared by multi-branch strategies: one model (trunk + K heads) under the server optimizer.
 
     A client replies with the parameters it trained (the trunk and one head, or all heads); ``mean_update``
     averages each parameter among the clients that sent it, so each head is averaged within its branch group
     and a head nobody trained takes no step."""
-
-    def initialize(self, model: MultiBranchNet) -> None:
-        super().initialize(model)
-        self.opt = ServerOptimizer(self.params.server_optimizer, model.state_dict())
-
-    def global_model(self) -> MultiBranchNet:
-        self.model.load_state_dict(self.opt.arrays)
-        return self.model
 
     def apply_updates(self, replies: Sequence[ClientReply]) -> None:
         if replies:
@@ -102,12 +95,6 @@ class MultiBranchStrategy(ServerStrategy):
                 "cluster/ratio": float(np.mean([b == 0 for b, _ in branches])) if branches else float("nan"),
                 "cluster/client_branch_accuracy": (float(np.mean([b == m for b, m in branches]))
                                                    if branches else float("nan"))}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.opt.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.opt.load_state_dict(state["optimizer"])
 
 
 def summed_stat(replies: Sequence[ClientReply], key: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import ClientReply, ServerOptimizerConfig
+from .base import ClientReply, ServerOptimizerConfig, ServerStrategy
 
 
 def mean_update(global_arrays: dict[str, torch.Tensor], replies: Sequence[ClientReply],
@@ -73,3 +73,24 @@ class ServerOptimizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps, self.m, self.v, self.arrays = state["steps"], state["m"], state["v"], state["arrays"]
+
+
+class ModelStrategy(ServerStrategy):
+    """A server strategy whose global state is one model under the server optimizer (``self.opt``): it builds the
+    optimizer, rebuilds the global model from its arrays, and checkpoints it, so a subclass writes only its
+    hooks (FedAvg, FedProx, the multi-branch strategies). A subclass with more server state extends
+    ``state_dict`` / ``load_state_dict`` through ``super()``."""
+
+    def initialize(self, model) -> None:
+        super().initialize(model)
+        self.opt = ServerOptimizer(self.params.server_optimizer, model.state_dict())
+
+    def global_model(self):
+        self.model.load_state_dict(self.opt.arrays)
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
