@@ -1,12 +1,10 @@
 """One simulated federation, end to end: the round loop, over Flower and Ray (fedshift/simulation/flower/) or in
 process (fedshift/simulation/executors.py).
 
-The ServerApp's main loop is fedshift's own (Flower's ``Strategy.start`` samples nodes at random; here the
-scenario decides the cohort): each round the sampler draws the cohort, the server strategy builds one
-instruction per client, each instruction travels as a Flower Message to one supernode, and the replies are
-aggregated. Supernodes are execution slots, not clients: the message names the simulated client, so any
-node can play any client and thousands of clients need no thousands of registered nodes. One message per
-node per round keeps Flower's engine from waiting a polling interval between messages of the same node.
+The round loop is fedshift's own (Flower's ``Strategy.start`` samples nodes at random; here the scenario decides
+the cohort): each round the sampler draws the cohort, the server strategy builds one instruction per client, an
+executor runs the clients (Flower messages to Ray workers, or this process), the loop screens the replies and the
+strategy aggregates the usable ones. Checkpoints, the summary and the run directory are the loop's as well.
 """
 
 from __future__ import annotations
@@ -319,15 +317,15 @@ class Simulation:
                 row[f"q/{m}"] = float(w)
                 row[f"clients/{m}"] = sum(1 for c in cohort if c.mode == k)
             usable, screened = screen(replies)  # strategies see usable replies only
-            row["clients/nonfinite"] = screened["clients/nonfinite"]
+            nonfinite = row["clients/nonfinite"] = screened["clients/nonfinite"]
             row.update(self.strategy.aggregate_train(t, usable))
             self.trainer_broadcast = self.world.trainer.aggregate_stats(
                 t, [(r.num_examples, r.mode, r.trainer_stats) for r in replies if r.error is None])
             reasons = [failure_reason(r.error) for r in replies if r.error is not None]
             for reason in FAILURE_REASONS:
                 row[f"clients/failed/{reason}"] = reasons.count(reason)
-            row["clients/failed/nonfinite"] = int(row.get("clients/nonfinite", 0))
-            row["clients/failed"] = len(reasons) + row["clients/failed/nonfinite"]
+            row["clients/failed/nonfinite"] = nonfinite
+            row["clients/failed"] = len(reasons) + nonfinite
             t_eval = time.perf_counter()
             if (t + 1) % self.scenario.eval.every == 0 or t == self.scenario.rounds - 1:
                 row.update(self.strategy.evaluate(self.test_sets, self.scenario.eval.batch_size))

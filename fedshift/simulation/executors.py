@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .engine import Simulation
 
 EXECUTORS = ("flower", "inprocess")
+WORKER_START_S = 1800.0  # a worker building the data of a big scenario (decoding EMNIST, say) can take minutes
 # an injected crash in process: the worker process that would have died is not killed (it is this one)
 CRASHED = "Flower error (in process): injected crash, the worker process would have died"
 

@@ -39,14 +39,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..strategies.base import ClientInstruction
-from .executors import InProcessExecutor, UnpackedReply, _cpu, failure_text
+from .executors import WORKER_START_S, InProcessExecutor, UnpackedReply, _cpu, failure_text
 
 if TYPE_CHECKING:
     from .engine import Simulation
 
 # counted as "crashed" by the loop (failure_reason: an error that starts with "Flower error")
 DIED = "Flower error (multiprocess): the worker process died"
-START_TIMEOUT_S = 1800.0  # building the data of a big scenario can take minutes (flower.executor.WARM_UP_S)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -153,8 +152,8 @@ class MultiprocessExecutor:
         return proc, ours
 
     def _ready(self, proc, conn: Connection) -> None:
-        if not conn.poll(START_TIMEOUT_S):
-            raise RuntimeError(f"a worker process did not start in {START_TIMEOUT_S:.0f} s")
+        if not conn.poll(WORKER_START_S):
+            raise RuntimeError(f"a worker process did not start in {WORKER_START_S:.0f} s")
         try:
             status, detail = pickle.loads(conn.recv_bytes())
         except EOFError:

@@ -6,12 +6,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...strategies.base import ClientInstruction
-from ..executors import UnpackedReply
+from ..executors import WORKER_START_S, UnpackedReply
 
 if TYPE_CHECKING:
     from ..engine import Simulation
-
-WARM_UP_S = 1800.0  # building the data of a big scenario (decoding EMNIST, say) can take minutes
 
 
 class FlowerExecutor:
@@ -38,7 +36,7 @@ class FlowerExecutor:
 
         messages = [Message(RecordDict({"config": ConfigRecord({SCENARIO: sim.scenario_text})}),
                             dst_node_id=node, message_type="query") for node in self.nodes]
-        replies = list(self.grid.send_and_receive(messages, timeout=WARM_UP_S))
+        replies = list(self.grid.send_and_receive(messages, timeout=WORKER_START_S))
         errors = [r.error.reason for r in replies if r.has_error()]
         if errors or len(replies) < len(self.nodes):
             raise RuntimeError(f"the client processes could not start: {errors[0] if errors else 'no reply in time'}")
