@@ -103,7 +103,7 @@ def test_fedprox_with_mu_zero_is_fedavg(tmp_path):
     assert c.rows[-1]["train/loss"] != a.rows[-1]["train/loss"]
 
 
-def test_proximal_hook_needs_an_anchor():
+def test_the_proximal_term_is_off_by_default_and_mu_cannot_be_negative():
     assert TrainTask().proximal_mu == 0.0 and TrainTask().anchor is None
     with pytest.raises(Exception):
         FedProx.Params(mu=-1.0)
