@@ -17,10 +17,10 @@ import statistics
 import time
 
 import torch
-
-from fedshift.config import load_scenario
-from fedshift.simulation.world import World
 from fedshift.strategies.base import ClientInstruction
+
+from fedshift.runtime.worker import World
+from fedshift.scenario import load_scenario
 
 CONFIGS = {
     "none": "[]",

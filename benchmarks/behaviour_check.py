@@ -24,7 +24,7 @@ of rows, and every cell of those columns identical as text (metrics.csv writes f
 text is exactly equal floats). It prints PASS/FAIL per run with, for a failure, the column, the round and both
 values, and exits with status 1 on any difference or failed run. ``--save NEWDIR`` keeps the new CSVs.
 
-With the Flower executor all runs share one Flower/Ray runtime (``fedshift.simulation.run_many``; about 10 s of
+With the Flower executor all runs share one Flower/Ray runtime (``fedshift.runtime.run_many``; about 10 s of
 Ray start instead of one per run). Record and compare on the same machine: the server's evaluation runs with
 torch's default thread count, and float results may depend on the CPU and BLAS; compare warns when the machine
 differs from the recorded one. Run it with FLWR_TELEMETRY_ENABLED=0 (it sets it when unset).
@@ -110,9 +110,9 @@ def execute(runs: list[Run], executor: str, workdir: Path) -> dict[str, Path | B
     scenarios = {r.name: fedshift.load_scenario(r.scenario, r.overrides) for r in runs}
     if executor == "flower":
         try:
-            from fedshift.simulation import Simulation, run_many
+            from fedshift.runtime import Simulation, run_many
         except (ImportError, AttributeError) as exc:
-            print(f"fedshift.simulation.Simulation/run_many unavailable ({exc}); one run_scenario per run")
+            print(f"fedshift.runtime.Simulation/run_many unavailable ({exc}); one run_scenario per run")
         else:
             print(f"{len(runs)} runs in one Flower/Ray runtime (run_many)", flush=True)
             sims = [Simulation(scenarios[r.name], out=workdir / r.name) for r in runs]
@@ -158,8 +158,9 @@ def commit_of_install() -> tuple[str | None, bool | None]:
 
 
 def environment() -> dict:
-    import fedshift
     import torch
+
+    import fedshift
 
     def version(dist: str) -> str | None:
         try:

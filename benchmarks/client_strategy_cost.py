@@ -17,11 +17,11 @@ import statistics
 import time
 
 import torch
-
 from fedshift.clients import CLIENT_STRATEGIES, ClientData, TrainContext, TrainTask
-from fedshift.config import ClientConfig
-from fedshift import vit  # noqa: F401  (registers vit)
-from fedshift.models import ARCHITECTURES
+
+from fedshift.nets import vit  # noqa: F401  (registers vit)
+from fedshift.nets.models import ARCHITECTURES
+from fedshift.schema import ClientConfig
 
 SHAPE, CLASSES, EXAMPLES, BATCH = (1, 28, 28), 10, 100, 20
 NEEDS_ATTENTION, ATTENTION_MODEL = {"prefix"}, "vit"  # prefix tuning adapts attention layers

@@ -20,7 +20,7 @@ import time
 import torch
 
 from fedshift import load_scenario
-from fedshift.simulation.world import World
+from fedshift.runtime.worker import World
 
 EMNIST_SHAPED = ["modes={day: {}, night: {transform: [invert]}}", "model={architecture: emnist_cnn}",
                  "output.tensorboard=false"]

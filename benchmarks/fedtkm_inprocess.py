@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from fedshift import load_scenario, run_scenario
-from fedshift.recording import final_period_means
+from fedshift.runtime.callbacks import final_period_means
 
 
 def last_period(scenario_name: str, overrides: list[str]) -> dict[str, float]:

@@ -60,8 +60,8 @@ def _loop_run(overrides: list[str], device: str, threads: int | None = None) -> 
     import tempfile
 
     from fedshift import load_scenario
-    from fedshift.simulation import Simulation
-    from fedshift.simulation.executors import InProcessExecutor
+    from fedshift.runtime import Simulation
+    from fedshift.runtime.executors import InProcessExecutor
 
     s = load_scenario("default", ["output.tensorboard=false", "output.save_model=false", f"backend.device={device}",
                                   *overrides])
@@ -85,7 +85,7 @@ def _loop_run(overrides: list[str], device: str, threads: int | None = None) -> 
 
 
 def part_workload(workload: str, rounds: int, device: str, tiny: bool) -> dict:
-    from fedshift.bench import WORKLOADS
+    from fedshift.apps.bench import WORKLOADS
 
     # the dry run checks the code path, not speed
     small = ["clients_per_round=2", "data.clients_per_mode=4", "data.dataset.train_size=80"] if tiny else []

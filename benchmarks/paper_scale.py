@@ -211,7 +211,7 @@ def evaluation_seconds(scenario) -> tuple[float, int]:
     warm-up pass over a few examples); returns (seconds, examples evaluated)."""
     import torch
 
-    from fedshift.simulation.world import World
+    from fedshift.runtime.worker import World
 
     world = World.build(scenario, on_worker=False)
     world.strategy.initialize(world.model)

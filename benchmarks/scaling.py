@@ -18,14 +18,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedshift.bench import _RoundClock, workload_scenario
-from fedshift.simulation import Simulation
+from fedshift.apps.bench import _RoundClock, workload_scenario
+from fedshift.runtime import Simulation, run
 
 
 def timed_run(overrides: list[str], rounds: int) -> _RoundClock:
     clock = _RoundClock()
     with tempfile.TemporaryDirectory() as tmp:
-        Simulation(workload_scenario("B", rounds, overrides), Path(tmp) / "run", [clock]).run()
+        run(Simulation(workload_scenario("B", rounds, overrides), Path(tmp) / "run", [clock]))
     return clock
 
 

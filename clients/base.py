@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from fedshift.augment import ConsistencyViews, jensen_shannon
-from fedshift.config import ClientConfig, ComponentParams
-from fedshift.data.federation import UNLABELLED
-from fedshift.registry import Registry
+from fedshift.core.params import ComponentParams
+from fedshift.core.registry import Registry
+from fedshift.core.tensors import UNLABELLED
+from fedshift.schema import ClientConfig
 
 if TYPE_CHECKING:
-    from fedshift.config import Scenario
-    from fedshift.models import ModelOutput, MultiBranchNet
+    from fedshift.nets.models import ModelOutput, MultiBranchNet
+    from fedshift.schema import Scenario
 
 CLIENT_STRATEGIES: Registry[type[ClientTrainer]] = Registry("client strategy")
 
@@ -174,7 +175,8 @@ def add_proximal_gradient(ctx: TrainContext) -> None:
 
 class ClientTrainer:
     """Base class of client training strategies. Subclass, set ``name`` (and ``Params`` for
-    hyperparameters), register with ``@CLIENT_STRATEGIES.register(name)``, implement ``update``."""
+    hyperparameters), register with ``@CLIENT_STRATEGIES.register``, implement ``loss`` (the default ``update``
+    takes one optimizer step on it) or, for a method of several passes per step, ``update``."""
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[ComponentParams]] = ComponentParams
@@ -217,9 +219,23 @@ class ClientTrainer:
         (a frozen trunk's dropout, BatchNorm statistics that must not change)."""
         ctx.model.train()
 
+    def loss(self, batch: Batch, ctx: TrainContext) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """What one optimizer step minimises on this batch: the objective, or the objective and the metrics to
+        report (``{"loss": the task loss, "<method>.penalty": ...}``; a bare objective is reported as ``loss``).
+        The default ``update`` takes the step around it: a penalty method writes only this (DomainBed's
+        ``update`` without its boilerplate). Methods of several passes per step (SAM, DANN, Fish) override
+        ``update`` instead."""
+        raise NotImplementedError(f"client strategy {type(self).__name__} implements neither loss() nor update()")
+
     def update(self, batch: Batch, ctx: TrainContext) -> dict[str, torch.Tensor | float]:
-        """One optimizer step on one batch; returns metrics such as ``{"loss": ...}`` (tensors are fine)."""
-        raise NotImplementedError
+        """One optimizer step on one batch; returns metrics such as ``{"loss": ...}`` (tensors are fine).
+        By default: ``loss(batch, ctx)``, then zero_grad, backward and the optimizer's step."""
+        out = self.loss(batch, ctx)
+        objective, metrics = out if isinstance(out, tuple) else (out, {"loss": out})
+        ctx.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        ctx.optimizer.step()
+        return metrics
 
     # ---- model hooks, optional
     def prepare_model(self, model: MultiBranchNet) -> None:

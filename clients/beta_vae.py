@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 from .utils import device_generator, require_input_shape
@@ -73,7 +73,7 @@ class VAEHead(nn.Module):
         return self.decoder(z).view(-1, *self.input_shape), mu, logvar
 
 
-@CLIENT_STRATEGIES.register("beta_vae")
+@CLIENT_STRATEGIES.register
 class BetaVAE(ClientTrainer):
     """beta-VAE auxiliary objective: each step minimises ``ctx.loss + weight * L_VAE / P`` (P = values per
     input), where L_VAE is the reference's loss on a VAE whose encoder reads the model's feature (the trunk is
@@ -105,7 +105,7 @@ class BetaVAE(ClientTrainer):
         self.noise_generator = device_generator(ctx)
         return super().train(ctx)
 
-    def update(self, batch: Batch, ctx: TrainContext):
+    def loss(self, batch: Batch, ctx: TrainContext):
         p = self.params
         out = ctx.model(batch.x)
         task = ctx.loss(out, batch)
@@ -118,8 +118,4 @@ class BetaVAE(ClientTrainer):
         if p.objective == "B":
             step = ctx.state[STEPS] = int(ctx.state.get(STEPS, 0)) + 1
         vae = beta_vae_loss(recon, kl, p, step)
-        loss = task + p.weight * vae / batch.x[0].numel()
-        ctx.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.optimizer.step()
-        return {"loss": task, "beta_vae.recon": recon, "beta_vae.kl": kl}
+        return task + p.weight * vae / batch.x[0].numel(), {"loss": task, "beta_vae.recon": recon, "beta_vae.kl": kl}

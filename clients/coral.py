@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 from .utils import domain_masks
@@ -48,7 +48,11 @@ def pooled_moments(n: torch.Tensor, total: torch.Tensor, outer: torch.Tensor) ->
     return mean, (outer - n * torch.outer(mean, mean)) / (n - 1)
 
 
-@CLIENT_STRATEGIES.register("coral")
+class CORALParams(ComponentParams):
+    penalty_weight: float = Field(1.0, ge=0, description="weight of the CORAL penalty")
+
+
+@CLIENT_STRATEGIES.register
 class CORAL(ClientTrainer):
     """Deep CORAL: penalise differences of feature means and covariances between modes (D3 moments).
 
@@ -71,9 +75,7 @@ class CORAL(ClientTrainer):
     """
 
     name = "coral"
-
-    class Params(ComponentParams):
-        penalty_weight: float = Field(1.0, ge=0, description="weight of the CORAL penalty")
+    Params = CORALParams
 
     def train(self, ctx: TrainContext) -> dict[str, float]:
         self._sums: tuple[torch.Tensor, ...] | None = None
@@ -82,7 +84,7 @@ class CORAL(ClientTrainer):
             ctx.stats.update(sums_to_stats(ctx.data.domains, self._sums))
         return metrics
 
-    def update(self, batch: Batch, ctx: TrainContext):
+    def loss(self, batch: Batch, ctx: TrainContext):
         output = ctx.model(batch.x)
         own = ctx.data.domains
         masks = domain_masks(batch, own)
@@ -103,12 +105,9 @@ class CORAL(ClientTrainer):
             w = torch.stack(weights).to(penalty.dtype)
             penalty = (torch.stack(distances) * w).sum() / w.sum().clamp(min=1)
         task = ctx.loss(output, batch)
-        ctx.optimizer.zero_grad(set_to_none=True)
-        (task + self.params.penalty_weight * penalty).backward()
-        ctx.optimizer.step()
-        sums = feature_sums(output.features.detach(), masks)
+        sums = feature_sums(output.features.detach(), masks)  # this round's moments, sent to the server
         self._sums = sums if self._sums is None else tuple(a + b for a, b in zip(self._sums, sums))
-        return {"loss": task, "coral.penalty": penalty}
+        return task + self.params.penalty_weight * penalty, {"loss": task, "coral.penalty": penalty}
 
     @staticmethod
     def server_modes(ctx: TrainContext) -> list[int]:

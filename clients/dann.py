@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 from .utils import mixed_clients_problems, require_several_domains
@@ -37,7 +37,13 @@ def discriminator(in_dim: int, width: int, depth: int, outputs: int) -> nn.Seque
     return nn.Sequential(*layers[:-1])
 
 
-@CLIENT_STRATEGIES.register("dann")
+class DANNParams(ComponentParams):
+    penalty_weight: float = Field(1.0, ge=0, description="weight of the domain-classification loss")
+    width: int = Field(256, ge=1, description="discriminator hidden width")
+    depth: int = Field(3, ge=2, description="discriminator linear layers")
+
+
+@CLIENT_STRATEGIES.register
 class DANN(ClientTrainer):
     """DANN: a per-client mode discriminator trained through gradient reversal (needs data.mix > 0).
 
@@ -58,11 +64,7 @@ class DANN(ClientTrainer):
     """
 
     name = "dann"
-
-    class Params(ComponentParams):
-        penalty_weight: float = Field(1.0, ge=0, description="weight of the domain-classification loss")
-        width: int = Field(256, ge=1, description="discriminator hidden width")
-        depth: int = Field(3, ge=2, description="discriminator linear layers")
+    Params = DANNParams
 
     @classmethod
     def check_scenario(cls, params, scenario):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.func import functional_call
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 from .utils import device_generator
@@ -57,7 +57,7 @@ def unlabelled_loss(logits: torch.Tensor, target: torch.Tensor, conf: torch.Tens
     return (per_example * (conf >= threshold)).mean()
 
 
-@CLIENT_STRATEGIES.register("ema_teacher")
+@CLIENT_STRATEGIES.register
 class EMATeacher(ClientTrainer):
     """Semi-ViT: each step minimises ``ctx.loss`` on the labelled examples plus ``lambda_u * L_u`` on the
     unlabelled ones (label -1): the teacher's softmax on each unlabelled example gives a pseudo-label and a
@@ -102,7 +102,7 @@ class EMATeacher(ClientTrainer):
             ctx.state.update({STATE + k: v for k, v in self.teacher.items()})
         return metrics
 
-    def update(self, batch: Batch, ctx: TrainContext):
+    def loss(self, batch: Batch, ctx: TrainContext):
         model, p = ctx.model, self.params
         loss_x = ctx.loss(model(batch.x), batch)
         unlabelled = batch.y < 0
@@ -116,11 +116,11 @@ class EMATeacher(ClientTrainer):
             perm = torch.randperm(len(xu), generator=self.mix_generator, device=xu.device)
             x_mix, target, conf, _ = prob_pseudo_mixup(xu, probs, perm, p.label_smoothing)
             loss_u = unlabelled_loss(model(x_mix).logits[:, ctx.task.branch], target, conf, p.threshold)
-        loss = loss_x + p.lambda_u * loss_u
-        ctx.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.optimizer.step()
-        if p.teacher == "ema":
+        return loss_x + p.lambda_u * loss_u, {"loss": loss_x, "ema_teacher.loss_u": loss_u}
+
+    def update(self, batch: Batch, ctx: TrainContext):
+        metrics = super().update(batch, ctx)  # the step on loss()
+        if self.params.teacher == "ema":
             with torch.no_grad():
-                ema_update_(self.teacher, model.state_dict(), p.decay)
-        return {"loss": loss_x, "ema_teacher.loss_u": loss_u}
+                ema_update_(self.teacher, ctx.model.state_dict(), self.params.decay)
+        return metrics

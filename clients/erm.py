@@ -5,15 +5,11 @@ from __future__ import annotations
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 
 
-@CLIENT_STRATEGIES.register("erm")
+@CLIENT_STRATEGIES.register
 class ERM(ClientTrainer):
     """ERM: one gradient step on the mean task loss per batch."""
 
     name = "erm"
 
-    def update(self, batch: Batch, ctx: TrainContext):
-        loss = ctx.loss(ctx.model(batch.x), batch)
-        ctx.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.optimizer.step()
-        return {"loss": loss}
+    def loss(self, batch: Batch, ctx: TrainContext):
+        return ctx.loss(ctx.model(batch.x), batch)

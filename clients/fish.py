@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 from .utils import mixed_clients_problems, require_several_domains
 
 
-@CLIENT_STRATEGIES.register("fish")
+class FishParams(ComponentParams):
+    meta_lr: float = Field(0.5, ge=0, le=1, description="meta-update step epsilon")
+
+
+@CLIENT_STRATEGIES.register
 class Fish(ClientTrainer):
     """Fish: sequential per-mode inner steps, then a meta-step towards them (needs data.mix > 0).
 
@@ -32,9 +36,7 @@ class Fish(ClientTrainer):
     """
 
     name = "fish"
-
-    class Params(ComponentParams):
-        meta_lr: float = Field(0.5, ge=0, le=1, description="meta-update step epsilon")
+    Params = FishParams
 
     @classmethod
     def check_scenario(cls, params, scenario):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 
@@ -103,7 +103,14 @@ def project_gradient_(module: nn.Module, basis: torch.Tensor) -> None:
         module.bias.grad = g[:, -1].contiguous()
 
 
-@CLIENT_STRATEGIES.register("gpm")
+class GPMParams(ComponentParams):
+    threshold: float = Field(0.97, gt=0, le=1, description="energy threshold of the first task")
+    threshold_step: float = Field(0.003, ge=0, description="threshold increase per task (capped at 1)")
+    samples: int = Field(125, ge=1, description="examples per client for the layer representations")
+    switch_share: float = Field(0.5, ge=0, lt=1, description="share a new dominant mode needs to start a task")
+
+
+@CLIENT_STRATEGIES.register
 class GPM(ClientTrainer):
     """GPM: project updates away from the input subspaces of past tasks (tasks = dominant-mode stretches).
 
@@ -137,12 +144,7 @@ class GPM(ClientTrainer):
     """
 
     name = "gpm"
-
-    class Params(ComponentParams):
-        threshold: float = Field(0.97, gt=0, le=1, description="energy threshold of the first task")
-        threshold_step: float = Field(0.003, ge=0, description="threshold increase per task (capped at 1)")
-        samples: int = Field(125, ge=1, description="examples per client for the layer representations")
-        switch_share: float = Field(0.5, ge=0, lt=1, description="share a new dominant mode needs to start a task")
+    Params = GPMParams
 
     def __init__(self, params, settings):
         super().__init__(params, settings)

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 from .utils import mixed_clients_problems, per_domain_loss, require_several_domains
@@ -57,7 +57,12 @@ def parameter_groups(names: list[str], sizes: list[int], kind: str, device: torc
     return per_tensor.repeat_interleave(torch.tensor(sizes, device=device)), len(ids)
 
 
-@CLIENT_STRATEGIES.register("gradvac")
+class GradVacParams(ComponentParams):
+    beta: float = Field(0.5, gt=0, le=1, description="EMA rate of the cosine targets")
+    group: Literal["model", "layer", "tensor"] = Field("model", description="granularity of the cosines")
+
+
+@CLIENT_STRATEGIES.register
 class GradVac(ClientTrainer):
     """Gradient Vaccine: align per-mode gradients to EMA cosine targets before stepping (needs data.mix > 0).
 
@@ -80,10 +85,7 @@ class GradVac(ClientTrainer):
     """
 
     name = "gradvac"
-
-    class Params(ComponentParams):
-        beta: float = Field(0.5, gt=0, le=1, description="EMA rate of the cosine targets")
-        group: Literal["model", "layer", "tensor"] = Field("model", description="granularity of the cosines")
+    Params = GradVacParams
 
     @classmethod
     def check_scenario(cls, params, scenario):

@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from fedshift.config import ComponentParams
-from fedshift.models import probe_forward
+from fedshift.core.params import ComponentParams
+from fedshift.core.tensors import probe_forward, trunk_blocks
 
 from .base import CLIENT_STRATEGIES, Batch, TrainContext
 from .erm import ERM
-from .peft import trunk_blocks
 from .utils import require_input_shape
 
 TAP = "_head2toe_features"  # where a tapped block leaves its pooled output for the trunk's hook
@@ -91,7 +90,7 @@ class _Concatenate:
         return torch.cat([*blocks, pool_block(output, self.target_size)], dim=1)
 
 
-@CLIENT_STRATEGIES.register("head2toe")
+@CLIENT_STRATEGIES.register
 class Head2Toe(ERM):
     """Head2Toe: the trunk is frozen; the model's feature becomes the concatenation of every trunk block's
     pooled, unit-normalised output (each activation or residual block but the last, then the trunk's own

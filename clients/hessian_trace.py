@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 from .utils import device_generator
@@ -35,7 +35,14 @@ def hutchinson_trace(loss: torch.Tensor, params: list[torch.Tensor], prob: float
     return total / (probes * 2.0 * prob)
 
 
-@CLIENT_STRATEGIES.register("hessian_trace")
+class HessianTraceParams(ComponentParams):
+    penalty_weight: float = Field(0.1, ge=0, description="weight of the Hessian-trace penalty")
+    prob: float = Field(0.01, gt=0, le=0.5, description="probability of +1 (and of -1) per probe entry")
+    probes: int = Field(1, ge=1, description="Hutchinson probes per regularised step")
+    every: int = Field(1, ge=1, description="regularise every k-th local step")
+
+
+@CLIENT_STRATEGIES.register
 class HessianTrace(ClientTrainer):
     """Hessian-trace regularisation: add a Hutchinson estimate of tr(H) with dropout probes to the loss.
 
@@ -59,18 +66,13 @@ class HessianTrace(ClientTrainer):
     """
 
     name = "hessian_trace"
-
-    class Params(ComponentParams):
-        penalty_weight: float = Field(0.1, ge=0, description="weight of the Hessian-trace penalty")
-        prob: float = Field(0.01, gt=0, le=0.5, description="probability of +1 (and of -1) per probe entry")
-        probes: int = Field(1, ge=1, description="Hutchinson probes per regularised step")
-        every: int = Field(1, ge=1, description="regularise every k-th local step")
+    Params = HessianTraceParams
 
     def train(self, ctx: TrainContext) -> dict[str, float]:
         self._gen = device_generator(ctx)
         return super().train(ctx)
 
-    def update(self, batch: Batch, ctx: TrainContext):
+    def loss(self, batch: Batch, ctx: TrainContext):
         params = [p for group in ctx.optimizer.param_groups for p in group["params"]]
         task = ctx.loss(ctx.model(batch.x), batch)
         step = int(ctx.state.get("hessian_trace.steps", 0))
@@ -81,7 +83,4 @@ class HessianTrace(ClientTrainer):
             trace = hutchinson_trace(task, params, self.params.prob, self._gen, self.params.probes)
             loss = task + self.params.penalty_weight * trace
             metrics["hessian_trace.trace"] = trace
-        ctx.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.optimizer.step()
-        return metrics
+        return loss, metrics

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from fedshift.config import ComponentParams
-from fedshift.models import ModelOutput
+from fedshift.core.params import ComponentParams
+from fedshift.nets.models import ModelOutput
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, LossFn, TrainContext
 
@@ -42,7 +42,12 @@ def irmv1_terms(loss_fn: LossFn, output: ModelOutput, batch: Batch,
     return risk, penalty
 
 
-@CLIENT_STRATEGIES.register("irm")
+class IRMParams(ComponentParams):
+    penalty_weight: float = Field(100.0, ge=0, description="IRMv1 penalty weight after the anneal")
+    anneal_steps: int = Field(500, ge=0, description="this client's local steps with penalty weight 1")
+
+
+@CLIENT_STRATEGIES.register
 class IRM(ClientTrainer):
     """IRM: the IRMv1 penalty on the logit scale per environment (the modes), annealed in.
 
@@ -64,20 +69,13 @@ class IRM(ClientTrainer):
     """
 
     name = "irm"
+    Params = IRMParams
 
-    class Params(ComponentParams):
-        penalty_weight: float = Field(100.0, ge=0, description="IRMv1 penalty weight after the anneal")
-        anneal_steps: int = Field(500, ge=0, description="this client's local steps with penalty weight 1")
-
-    def update(self, batch: Batch, ctx: TrainContext):
+    def loss(self, batch: Batch, ctx: TrainContext):
         steps = int(ctx.state.get("irm.steps", 0))
         if steps == self.params.anneal_steps:
             ctx.optimizer = ctx.make_optimizer()
         weight = self.params.penalty_weight if steps >= self.params.anneal_steps else 1.0
         risk, penalty = irmv1_terms(ctx.task.loss, ctx.model(batch.x), batch, ctx.data.domains)
-        loss = risk + weight * penalty
-        ctx.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.optimizer.step()
         ctx.state["irm.steps"] = steps + 1
-        return {"loss": risk, "irm.penalty": penalty, "irm.penalty_weight": weight}
+        return risk + weight * penalty, {"loss": risk, "irm.penalty": penalty, "irm.penalty_weight": weight}

@@ -8,8 +8,8 @@ import dataclasses
 import torch
 from pydantic import Field
 
-from fedshift.config import ComponentParams
-from fedshift.models import MultiBranchNet
+from fedshift.core.params import ComponentParams
+from fedshift.nets.models import MultiBranchNet
 
 from .base import CLIENT_STRATEGIES, ClientData, TrainContext
 from .erm import ERM
@@ -42,7 +42,12 @@ def unprefixed(arrays: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
-@CLIENT_STRATEGIES.register("jtt")
+class JTTParams(ComponentParams):
+    id_rounds: int = Field(16, ge=1, description="rounds of stage 1 (ERM) before the error sets are taken")
+    up_weight: int = Field(20, ge=0, description="extra copies of each error example in stage 2")
+
+
+@CLIENT_STRATEGIES.register
 class JTT(ERM):
     """JTT: ERM rounds, then training restarted with each client's error set upsampled.
 
@@ -72,10 +77,7 @@ class JTT(ERM):
     """
 
     name = "jtt"
-
-    class Params(ComponentParams):
-        id_rounds: int = Field(16, ge=1, description="rounds of stage 1 (ERM) before the error sets are taken")
-        up_weight: int = Field(20, ge=0, description="extra copies of each error example in stage 2")
+    Params = JTTParams
 
     def __init__(self, params, settings):
         super().__init__(params, settings)

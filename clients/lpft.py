@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, TrainContext
 from .erm import ERM
@@ -18,7 +18,7 @@ class LPFTParams(ComponentParams):
                                                "BatchNorm statistics frozen): the reference's use_net_val_mode")
 
 
-@CLIENT_STRATEGIES.register("lpft")
+@CLIENT_STRATEGIES.register
 class LPFT(ERM):
     """LP-FT: while ``ctx.round < probe_rounds`` only the head of ``ctx.task.branch`` trains (the trunk in eval
     mode, bitwise unchanged), then every parameter trains; both stages take ERM steps on ``ctx.loss``.

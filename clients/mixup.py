@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 from .utils import device_generator
@@ -30,7 +30,12 @@ def mix(batch: Batch, lam: float, partner: torch.Tensor) -> tuple[Batch, Batch]:
     return Batch(x, batch.y, batch.domain), Batch(x, batch.y[partner], batch.domain[partner])
 
 
-@CLIENT_STRATEGIES.register("mixup")
+class MixupParams(ComponentParams):
+    alpha: float = Field(0.2, gt=0, description="lambda ~ Beta(alpha, alpha)")
+    inter_domain: bool = Field(True, description="pair examples of different modes where the batch has several")
+
+
+@CLIENT_STRATEGIES.register
 class Mixup(ClientTrainer):
     """Mixup: train on convex combinations of example pairs and their targets, pairing across modes.
 
@@ -50,10 +55,7 @@ class Mixup(ClientTrainer):
     """
 
     name = "mixup"
-
-    class Params(ComponentParams):
-        alpha: float = Field(0.2, gt=0, description="lambda ~ Beta(alpha, alpha)")
-        inter_domain: bool = Field(True, description="pair examples of different modes where the batch has several")
+    Params = MixupParams
 
     def train(self, ctx: TrainContext) -> dict[str, float]:
         # Beta samples come from numpy (torch's Beta takes no generator), seeded from the client's generator.
@@ -66,12 +68,9 @@ class Mixup(ClientTrainer):
         lam = float(self._rng.beta(self.params.alpha, self.params.alpha))
         return lam, mixup_partners(batch.domain, self._gen, self.params.inter_domain)
 
-    def update(self, batch: Batch, ctx: TrainContext):
+    def loss(self, batch: Batch, ctx: TrainContext):
         lam, partner = self.draw(batch)
         first, second = mix(batch, lam, partner)
         output = ctx.model(first.x)
         loss = lam * ctx.loss(output, first) + (1.0 - lam) * ctx.loss(output, second)
-        ctx.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.optimizer.step()
-        return {"loss": loss, "mixup.lambda": lam}
+        return loss, {"loss": loss, "mixup.lambda": lam}

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 from pydantic import Field
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, TrainContext
 from .erm import ERM
@@ -35,7 +35,7 @@ def interpolate(before: Arrays, after: Arrays, alpha: float) -> Arrays:
     return out
 
 
-@CLIENT_STRATEGIES.register("paint")
+@CLIENT_STRATEGIES.register
 class PAINT(ERM):
     """PAINT: fine-tune locally (ERM steps on ``ctx.loss``, heads frozen), then return
     ``theta_alpha = (1 - alpha) * theta_received + alpha * theta_finetuned`` for every trained entry.

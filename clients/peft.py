@@ -25,14 +25,11 @@ from pydantic import Field
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
+from fedshift.core.tensors import trunk_blocks
 
 from .base import CLIENT_STRATEGIES
 from .erm import ERM
-
-ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Sigmoid)
-WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
 
 # --------------------------------------------------------------------------------------------- the modules
 
@@ -120,20 +117,6 @@ PEFT_MODULES = (LoRALinear, LoRAConv2d, Adapter)
 # --------------------------------------------------------------------------------------------- inserting them
 
 
-def trunk_blocks(trunk: nn.Module) -> list[tuple[str, int | None]]:
-    """The trunk's top-level children whose output ends a block, with that output's width (channels or
-    features; None when no weighted layer precedes it): activations, and children holding weighted layers
-    that are not a bare Linear/Conv (residual blocks). In a ``Sequential`` trunk they come in forward order."""
-    blocks, width = [], None
-    for name, child in trunk.named_children():
-        weighted = [m for m in child.modules() if isinstance(m, WEIGHTED)]
-        if weighted:
-            last = weighted[-1]
-            width = last.out_features if isinstance(last, nn.Linear) else last.out_channels
-        if isinstance(child, ACTIVATIONS) or (weighted and not isinstance(child, WEIGHTED)):
-            blocks.append((name, width))
-    return blocks
-
 
 def add_lora(module: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> int:
     """Wrap every Linear and plain Conv2d (groups 1, zero padding) inside ``module`` with LoRA; returns how
@@ -216,7 +199,7 @@ class LoRAParams(PEFTParams):
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the LoRA branch's input")
 
 
-@CLIENT_STRATEGIES.register("lora")
+@CLIENT_STRATEGIES.register
 class LoRA(PEFT):
     """LoRA (Hu et al. ICLR 2022; He et al. ICLR 2022's unified view): every Linear and Conv2d of the trunk
     gets a trainable low-rank update ``(alpha / r) B A``, B initialised to zero; the rest of the trunk is frozen.
@@ -241,7 +224,7 @@ class AdapterParams(PEFTParams):
     layernorm: bool = Field(True, description="LayerNorm on the adapter's input (the reference's 'in' option)")
 
 
-@CLIENT_STRATEGIES.register("adapter")
+@CLIENT_STRATEGIES.register
 class AdapterTuning(PEFT):
     """Bottleneck adapters (Houlsby et al. ICML 2019, as in He et al. ICLR 2022): after every block of the
     trunk (each activation, each residual block) ``h + s * up(ReLU(down(LayerNorm(h))))``; the trunk is frozen.

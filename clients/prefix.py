@@ -4,7 +4,7 @@ Li & Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", ACL 2
 method in He et al., "Towards a Unified View of Parameter-Efficient Transfer Learning", ICLR 2022 (reference
 code: jxhe/unify-parameter-efficient-tuning, petl/petl_factory.py ``Prefix``, petl/options.py).
 
-Each attention layer (``fedshift.vit.SelfAttention``, so ``model.architecture: vit``) gets a ``Prefix``: keys
+Each attention layer (``fedshift.nets.vit.SelfAttention``, so ``model.architecture: vit``) gets a ``Prefix``: keys
 and values P_k, P_v [heads, l, head_dim] that its queries attend to beside the tokens' own, after the key and
 value projections: ``softmax(q [P_k; K]^T / sqrt(d)) [P_v; V]``. Unlike LoRA and adapters this is not a no-op
 when built: the prefix takes part of every query's attention from the start.
@@ -16,9 +16,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedshift.errors import FedshiftError
-from fedshift.models import ARCHITECTURES, Architecture
-from fedshift.vit import attention_layers
+from fedshift.core.errors import FedshiftError
+from fedshift.nets.models import ARCHITECTURES, Architecture
+from fedshift.nets.vit import attention_layers
 
 from .base import CLIENT_STRATEGIES
 from .peft import PEFT, PEFTParams
@@ -78,7 +78,7 @@ class PrefixParams(PEFTParams):
     init_std: float = Field(0.02, gt=0, description="std of the normal initialisation of the prefixes (or tokens)")
 
 
-@CLIENT_STRATEGIES.register("prefix")
+@CLIENT_STRATEGIES.register
 class PrefixTuning(PEFT):
     """Prefix tuning (Li & Liang ACL 2021): l learned keys and values in front of every attention layer's own.
 
@@ -134,5 +134,5 @@ class PrefixTuning(PEFT):
 
 
 def no_attention_message(architecture: str) -> str:
-    return (f"client strategy 'prefix' puts learned keys and values into attention layers (fedshift.vit."
+    return (f"client strategy 'prefix' puts learned keys and values into attention layers (fedshift.nets.vit."
             f"SelfAttention), and the model architecture {architecture} has none; use model.architecture=vit")

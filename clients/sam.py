@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 
@@ -39,7 +39,13 @@ def frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
 
 
-@CLIENT_STRATEGIES.register("sam")
+class SAMParams(ComponentParams):
+    rho: float = Field(0.05, ge=0, description="neighbourhood radius")
+    adaptive: bool = Field(False, description="ASAM (elementwise |w| scaling)")
+    eps: float = Field(1e-12, gt=0, description="added to the gradient norm")
+
+
+@CLIENT_STRATEGIES.register
 class SAM(ClientTrainer):
     """SAM: step with the gradient taken at the worst point of a rho-ball around the weights (ASAM option).
 
@@ -57,11 +63,7 @@ class SAM(ClientTrainer):
     """
 
     name = "sam"
-
-    class Params(ComponentParams):
-        rho: float = Field(0.05, ge=0, description="neighbourhood radius")
-        adaptive: bool = Field(False, description="ASAM (elementwise |w| scaling)")
-        eps: float = Field(1e-12, gt=0, description="added to the gradient norm")
+    Params = SAMParams
 
     def update(self, batch: Batch, ctx: TrainContext):
         params = [p for group in ctx.optimizer.param_groups for p in group["params"]]

@@ -9,8 +9,8 @@ import torch
 from .base import Batch, TrainContext
 
 if TYPE_CHECKING:
-    from fedshift.config import Scenario
-    from fedshift.models import ModelOutput
+    from fedshift.nets.models import ModelOutput
+    from fedshift.schema import Scenario
 
 
 def require_input_shape(model, strategy: str, purpose: str) -> None:
@@ -18,7 +18,7 @@ def require_input_shape(model, strategy: str, purpose: str) -> None:
     ``purpose``."""
     if model.input_shape is None:
         raise ValueError(f"{strategy} needs the model's input shape (MultiBranchNet.input_shape) to {purpose}; "
-                         "build the model with Architecture.build or fedshift.models.build_model")
+                         "build the model with Architecture.build or fedshift.nets.models.build_model")
 
 
 def device_generator(ctx: TrainContext) -> torch.Generator:

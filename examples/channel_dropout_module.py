@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from fedshift.modules import ModelModule, ModuleParams, TrunkModule
+from fedshift.nets.modules import ModelModule, ModuleParams, TrunkModule
 
 
 class ChannelDrop(TrunkModule):

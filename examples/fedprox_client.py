@@ -10,10 +10,10 @@ Use it from a scenario by its dotted path (no registration needed):
 from __future__ import annotations
 
 import torch
+from fedshift.clients import Batch, ClientTrainer, TrainContext
 from pydantic import Field
 
-from fedshift.clients import Batch, ClientTrainer, TrainContext
-from fedshift.config import ComponentParams
+from fedshift.core.params import ComponentParams
 
 
 class FedProxParams(ComponentParams):
@@ -31,11 +31,7 @@ class FedProxERM(ClientTrainer):
         self.anchor = [p.detach().clone() for p in ctx.trainable_parameters()]
         return super().train(ctx)
 
-    def update(self, batch: Batch, ctx: TrainContext):
+    def loss(self, batch: Batch, ctx: TrainContext):
         task_loss = ctx.loss(ctx.model(batch.x), batch)
         prox = sum(((p - a) ** 2).sum() for p, a in zip(ctx.trainable_parameters(), self.anchor))
-        loss = task_loss + 0.5 * self.params.mu * prox
-        ctx.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.optimizer.step()
-        return {"loss": task_loss, "prox": torch.as_tensor(prox).detach()}
+        return task_loss + 0.5 * self.params.mu * prox, {"loss": task_loss, "prox": torch.as_tensor(prox).detach()}

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from fedshift.strategies import ClientReply, FedAvg
 from fedshift.strategies.base import mean_metric
 

@@ -33,10 +33,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .config import ComponentParams, ComponentRef, ComponentSpec
-from .errors import ScenarioError
-from .models import ModelOutput
-from .registry import Registry
+from fedshift.core.errors import ScenarioError
+from fedshift.core.params import ComponentParams, ComponentRef, ComponentSpec
+from fedshift.core.registry import Registry
+from fedshift.nets.models import ModelOutput
 
 ADAPTATIONS: Registry[type[TestTimeAdaptation]] = Registry("test-time adaptation")
 
@@ -79,7 +79,7 @@ class TestTimeAdaptation:
         return AdaptedStream(model)
 
 
-@ADAPTATIONS.register("none")
+@ADAPTATIONS.register
 class NoAdaptation(TestTimeAdaptation):
     """No test-time adaptation: the global model is evaluated as it is."""
 
@@ -136,7 +136,7 @@ def source_batch_norms(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
 
 
-@ADAPTATIONS.register("bn_adapt")
+@ADAPTATIONS.register
 class BNAdapt(TestTimeAdaptation):
     """BN-Adapt: normalise each test batch with a mix of source and batch statistics (prior strength N).
 
@@ -227,7 +227,7 @@ class TentStream(AdaptedStream):
         return ModelOutput(output.logits.detach(), output.features.detach())
 
 
-@ADAPTATIONS.register("tent")
+@ADAPTATIONS.register
 class Tent(TestTimeAdaptation):
     """Tent: minimise the test batch's prediction entropy by updating normalisation affine parameters only.
 

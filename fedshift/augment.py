@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from .config import ComponentParams, ComponentSpec
-from .errors import ScenarioError
-from .registry import Registry
+from fedshift.core.errors import ScenarioError
+from fedshift.core.params import ComponentParams, ComponentSpec
+from fedshift.core.registry import Registry
 
 if TYPE_CHECKING:
-    from .config import DatasetSpec, Scenario
+    from fedshift.schema import DatasetSpec, Scenario
 
 AUGMENTATIONS: Registry[type[Augmentation]] = Registry("augmentation")
 
@@ -150,7 +150,7 @@ class ColorJitterParams(ComponentParams):
     p: float = Field(1.0, ge=0, le=1, description="probability that an image is jittered")
 
 
-@AUGMENTATIONS.register("color_jitter")
+@AUGMENTATIONS.register
 class ColorJitter(Augmentation):
     """ColorJitter: random brightness, contrast, saturation and hue per image.
 
@@ -187,7 +187,7 @@ class RandAugmentParams(ComponentParams):
     m: int = Field(9, ge=1, le=29, description="global magnitude on a 0..30 scale")
 
 
-@AUGMENTATIONS.register("randaugment")
+@AUGMENTATIONS.register
 class RandAugment(Augmentation):
     """RandAugment: n operations drawn from a fixed list, all at one magnitude m.
 
@@ -225,7 +225,7 @@ class AutoAugmentParams(ComponentParams):
     policy: Literal["imagenet", "cifar10", "svhn"] = Field("imagenet", description="the learned policy")
 
 
-@AUGMENTATIONS.register("autoaugment")
+@AUGMENTATIONS.register
 class AutoAugment(Augmentation):
     """AutoAugment: a sub-policy of a policy learned offline (ImageNet, CIFAR-10 or SVHN).
 
@@ -436,7 +436,7 @@ class AugMixParams(ComponentParams):
         return self
 
 
-@AUGMENTATIONS.register("augmix")
+@AUGMENTATIONS.register
 class AugMix(Augmentation):
     """AugMix: chains of random operations mixed into the image, optionally with the JSD consistency loss.
 

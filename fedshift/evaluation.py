@@ -51,13 +51,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapt import Scored, build_adaptation
-from .config import EvalConfig, Scenario
-from .data.federation import UNLABELLED
-from .errors import FedshiftError
-from .models import ModelOutput, MultiBranchNet
+from fedshift.core.errors import FedshiftError
+from fedshift.nets.models import ModelOutput, MultiBranchNet
+from fedshift.schema import EvalConfig
 
-EVAL_STREAM = 6  # random stream of the scenario seed: test-client sizes and the reference protocol's mixing
+from .adapt import Scored, build_adaptation
+from .core.seeding import Stream, rng_of
+from .core.tensors import UNLABELLED
 
 BranchSelector = Callable[[ModelOutput], "torch.Tensor | None"]
 
@@ -164,25 +164,6 @@ def ood_metrics(scores: list[dict[str, torch.Tensor] | None], names: list[str]) 
             out[f"eval/branch{k}/{name}_fpr95"] = fpr95(inside, outside)
     return out
 
-
-def check_scenario(s: Scenario) -> list[tuple[str, str]]:
-    """``(key, message)`` problems of the evaluation settings, once the strategy and branches are resolved."""
-    from fedshift.strategies import STRATEGIES, ServerStrategy
-
-    problems = []
-    if s.eval.select == "maxlogit" and s.model.branches == 1:
-        problems.append(("eval.select", f"maxlogit chooses among branches and strategy {s.strategy.name!r} evaluates "
-                                        "a one-branch model; use a multi-branch strategy or eval.select: strategy"))
-    try:
-        strategy = STRATEGIES.get(s.strategy.name)
-    except (KeyError, FedshiftError):  # already reported as strategy.name
-        strategy = None
-    if not (isinstance(strategy, type) and issubclass(strategy, ServerStrategy)):  # e.g. os:path, reported too
-        strategy = None
-    if s.eval.ood and strategy is not None and strategy.one_model_per_mode:
-        problems.append(("eval.ood", f"strategy {s.strategy.name!r} evaluates each mode with its own model, so no "
-                                     "model sees both in-mode and out-of-mode examples; remove eval.ood"))
-    return problems
 
 
 @torch.no_grad()
@@ -344,11 +325,11 @@ def _protocol_metrics(names: list[str], modes: list[_ModeScores], settings: Eval
     client_vote = []
     for k, (name, m) in enumerate(zip(names, modes)):
         sizes = settings.client_size if isinstance(settings.client_size, int) else client_sizes.get(name, [])
-        rng = np.random.default_rng([seed, EVAL_STREAM, k])
+        rng = rng_of(seed, Stream.EVAL, k)
         client_vote.append(m.grouped(split_test_clients(len(m.targets), sizes, rng)) if len(m.targets)
                            else m.branch)
     ref_groups = reference_groups([len(m.targets) for m in modes], settings.reference_batch,
-                                  np.random.default_rng([seed, EVAL_STREAM, 1000]))
+                                  rng_of(seed, Stream.EVAL, 1000))
     reference = [m.grouped(g) if len(g) else m.branch for m, g in zip(modes, ref_groups)]
     for suffix, branches in (("", client_vote), ("_per_example", per_example), ("_reference", reference)):
         _write_accuracy(out, suffix, names, modes, branches)

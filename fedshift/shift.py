@@ -24,13 +24,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from .errors import ScenarioError
-from .registry import Registry
+from fedshift.core.errors import ScenarioError
+from fedshift.core.registry import Registry
+from fedshift.schema import Scenario
+
+from .core.seeding import Stream, rng_of
 
 SCHEDULES: Registry[type[ModeSchedule]] = Registry("schedule")
 
 # Separate random streams derived from the scenario seed: (seed, stream, round) -> generator.
-SAMPLER_STREAM = 1
 
 
 class ModeSchedule:
@@ -71,7 +73,7 @@ class ModeSchedule:
         return np.minimum(d, 1.0 - d)
 
 
-@SCHEDULES.register("linear")
+@SCHEDULES.register
 class LinearSchedule(ModeSchedule):
     """Triangle wave: mode weight falls linearly from its peak to the next mode's peak."""
 
@@ -82,7 +84,7 @@ class LinearSchedule(ModeSchedule):
         return np.clip(1.0 - k * self._circular_distances(t), 0.0, 1.0)
 
 
-@SCHEDULES.register("cosine")
+@SCHEDULES.register
 class CosineSchedule(ModeSchedule):
     """Raised cosine between neighbouring mode peaks; q(t) = (cos(2 pi phase) + 1) / 2 for two modes."""
 
@@ -94,7 +96,7 @@ class CosineSchedule(ModeSchedule):
         return np.where(d <= 1.0 / k, (1.0 + np.cos(np.pi * k * np.minimum(d, 1.0 / k))) / 2.0, 0.0)
 
 
-@SCHEDULES.register("block")
+@SCHEDULES.register
 class BlockSchedule(ModeSchedule):
     """Block-cyclic square wave (semi-cyclic SGD): each mode owns one K-th of the period."""
 
@@ -106,7 +108,7 @@ class BlockSchedule(ModeSchedule):
         return w
 
 
-@SCHEDULES.register("constant")
+@SCHEDULES.register
 class ConstantSchedule(ModeSchedule):
     """Fixed mode weights (no shift): the stationary mixture, a useful control."""
 
@@ -121,7 +123,7 @@ class ConstantSchedule(ModeSchedule):
         return self._w
 
 
-@SCHEDULES.register("trace")
+@SCHEDULES.register
 class TraceSchedule(ModeSchedule):
     """Mode weights per round read from a CSV file: a header naming the modes, one row per round.
 
@@ -187,7 +189,7 @@ class ModeSampler:
         self.seed = seed
 
     def generator(self, t: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, SAMPLER_STREAM, t])
+        return rng_of(self.seed, Stream.SAMPLER, t)
 
     def counts(self, t: int) -> np.ndarray:
         return self._draw(t)[0]
@@ -209,3 +211,14 @@ class ModeSampler:
             chosen = rng.choice(self.pools[k], size=int(n), replace=False)
             cohort.extend((int(c), k) for c in chosen)
         return counts, cohort
+
+
+def build_schedule(scenario: Scenario) -> ModeSchedule:
+    s = scenario.shift
+    k = len(scenario.modes)
+    common = {"period": s.period, "power": s.power, "phase": s.phase}
+    if s.schedule == "trace":
+        return TraceSchedule(k, TraceSchedule.read_csv(s.trace, scenario.mode_names), **common)
+    if s.schedule == "constant":
+        return SCHEDULES.get("constant")(k, weights=s.weights, **common)
+    return SCHEDULES.get(s.schedule)(k, **common)

@@ -1,7 +1,16 @@
 """Server strategies (federated algorithms), selected by ``strategy.name`` in a scenario."""
 
-from .base import (STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec,
-                   ServerStrategy, StrategyParams, StrategySetup)
+from .base import (
+                   STRATEGIES,
+                   ClientInstruction,
+                   ClientJob,
+                   ClientReply,
+                   ClientResult,
+                   ClientSpec,
+                   ServerStrategy,
+                   StrategyParams,
+                   StrategySetup,
+)
 from .fedavg import FedAvg
 from .fedprox import FedProx
 from .fedtem import FedTEM

@@ -13,6 +13,7 @@ client training strategy chosen in the scenario (ERM, SAM, IRM, ...), so any alg
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -21,12 +22,14 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from fedshift.config import ComponentParams, EvalConfig
-from fedshift.registry import Registry
+from fedshift.core.params import ComponentParams
+from fedshift.core.registry import Registry
+from fedshift.schema import EvalConfig
 
 if TYPE_CHECKING:
-    from fedshift.clients.base import ClientData, ClientTrainer, TrainTask
-    from fedshift.models import ModelOutput, MultiBranchNet
+    from fedshift.clients.base import ClientData, ClientTrainer, TrainContext, TrainTask
+
+    from fedshift.nets.models import ModelOutput, MultiBranchNet
     from fedshift.shift import ModeSchedule
 
 Scalar = int | float | str | bool
@@ -43,11 +46,14 @@ class ClientSpec:
 
 @dataclass
 class ClientInstruction:
-    """What the server sends one client: model arrays by parameter name, and scalar config."""
+    """What the server sends one client: model parameters by their ``state_dict`` name (``arrays``; loaded into
+    the worker's model), scalar ``config``, and the algorithm's own arrays (``extra``: cluster centers, control
+    variates, ...; handed to the client half as ``job.extra``, never loaded into the model)."""
 
     cid: int
     arrays: dict[str, torch.Tensor]
     config: dict[str, Scalar] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,32 +83,51 @@ class ClientReply:
 
 @dataclass
 class ClientJob:
-    """Everything the client half of a strategy gets for one client in one round."""
+    """Everything the client half of a strategy gets for one client in one round.
 
-    cid: int
-    round: int
-    model: MultiBranchNet            # holds the arrays the server sent
-    received: list[str]              # names of the parameters the server sent
-    data: ClientData
+    ``ctx`` is the one client-side context (fedshift.clients.TrainContext): the model holding what the server
+    sent, the client's data, device, round, client id, its store across rounds (``state``), its seeded
+    ``generator``, the client training strategy's broadcast (``server``) and the statistics it sends back
+    (``stats``). The job adds what the server sent besides the model (``received`` parameter names, ``config``,
+    the algorithm's ``extra`` arrays) and the client training strategy that trains. ``job.model``, ``job.data``,
+    ``job.cid``, ... are the context's fields, under the same names.
+    """
+
+    ctx: TrainContext
     trainer: ClientTrainer
-    config: dict[str, Scalar]
-    device: torch.device
-    state: dict[str, Any]            # this client's store, persisted across rounds by the server
-    generator: torch.Generator       # seeded by (scenario seed, round, client)
-    trainer_server: dict[str, torch.Tensor] = field(default_factory=dict)  # the trainer's broadcast
-    trainer_stats: dict[str, torch.Tensor] = field(default_factory=dict)   # filled by train(), sent back
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # sent arrays that are not model parameters
+    received: list[str]                                           # names of the parameters the server sent
+    config: dict[str, Scalar] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # ClientInstruction.extra
+
+    @classmethod
+    def of(cls, model: MultiBranchNet, data: ClientData, trainer: ClientTrainer, *, cid: int = 0, round: int = 0,
+           received: Sequence[str] | None = None, config: dict[str, Scalar] | None = None,
+           extra: dict[str, torch.Tensor] | None = None, device: torch.device | None = None,
+           state: dict[str, Any] | None = None, generator: torch.Generator | None = None,
+           server: dict[str, torch.Tensor] | None = None) -> ClientJob:
+        """A job from its parts (what the worker builds; tests build one the same way)."""
+        from fedshift.clients.base import TrainContext, TrainTask
+
+        ctx = TrainContext(model=model, data=data, task=TrainTask(), device=device or torch.device("cpu"),
+                           round=round, cid=cid, state={} if state is None else state,
+                           generator=generator or torch.Generator().manual_seed(0), settings=trainer.settings,
+                           server=dict(server or {}))
+        names = list(model.state_dict()) if received is None else list(received)
+        return cls(ctx, trainer, names, dict(config or {}), dict(extra or {}))
+
+    model = property(lambda self: self.ctx.model)
+    data = property(lambda self: self.ctx.data)
+    cid = property(lambda self: self.ctx.cid)
+    round = property(lambda self: self.ctx.round)
+    device = property(lambda self: self.ctx.device)
+    state = property(lambda self: self.ctx.state)
+    generator = property(lambda self: self.ctx.generator)
 
     def train(self, task: TrainTask) -> dict[str, float]:
-        """Run the scenario's client training strategy on this client's data for the given task."""
-        from fedshift.clients.base import TrainContext
-
-        ctx = TrainContext(model=self.model, data=self.data, task=task, device=self.device, round=self.round,
-                           cid=self.cid, state=self.state, generator=self.generator, settings=self.trainer.settings,
-                           server=self.trainer_server)
-        metrics = self.trainer.train(ctx)
-        self.trainer_stats.update(ctx.stats)
-        return metrics
+        """Run the scenario's client training strategy on this client's data for the given task (its
+        statistics for the server accumulate in ``ctx.stats``)."""
+        ctx = dataclasses.replace(self.ctx, task=task, optimizer=None, loss_terms={})
+        return self.trainer.train(ctx)
 
     def trained_arrays(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """The model's current values of the given parameters (default: those received), detached on CPU."""
@@ -168,7 +193,7 @@ class ServerStrategy:
 
     @classmethod
     def check_scenario(cls, params: StrategyParams, scenario: Any) -> list[tuple[str, str]]:
-        """Problems of these parameters in this scenario (a ``fedshift.config.Scenario``), as (key path,
+        """Problems of these parameters in this scenario (a ``fedshift.schema.Scenario``), as (key path,
         message) pairs reported at validation time; empty if none."""
         return []
 

@@ -23,7 +23,7 @@ from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientR
 from .server_optimizer import ModelStrategy, mean_update
 
 
-@STRATEGIES.register("fedavg")
+@STRATEGIES.register
 class FedAvg(ModelStrategy):
     """FedAvg: example-weighted averaging of client updates, with an optional server optimizer."""
 

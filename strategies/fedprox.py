@@ -16,9 +16,8 @@ of stragglers are not modelled; every client runs the configured local epochs.
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from fedshift.clients.base import TrainTask
+from pydantic import Field
 
 from .base import STRATEGIES, ClientJob, ClientResult, StrategyParams
 from .fedavg import FedAvg
@@ -28,7 +27,7 @@ class FedProxParams(StrategyParams):
     mu: float = Field(0.01, ge=0, description="weight of the proximal term (mu / 2) ||w - w_received||^2")
 
 
-@STRATEGIES.register("fedprox")
+@STRATEGIES.register
 class FedProx(FedAvg):
     """FedProx: FedAvg whose clients add (mu / 2) ||w - w_received||^2 to their local objective."""
 

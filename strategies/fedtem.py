@@ -54,15 +54,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedshift.clients.base import TrainTask
 from pydantic import Field
 
-from fedshift.checkpoint_io import as_numpy
-from fedshift.clients.base import TrainTask
-from fedshift.models import ModelOutput
+from fedshift.core.checkpoint_io import as_numpy
+from fedshift.nets.models import ModelOutput
 
 from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec
-from .multibranch import (ClusterParams, MultiBranchStrategy, TemporalPrior, branch_loss, clip_update, cluster_count,
-                          initial_centers, local_features, mean_stat, summed_stat)
+from .multibranch import (
+    ClusterParams,
+    MultiBranchStrategy,
+    TemporalPrior,
+    branch_loss,
+    clip_update,
+    cluster_count,
+    initial_centers,
+    local_features,
+    mean_stat,
+    summed_stat,
+)
 
 MEANS, VARS, LOG_WEIGHTS = "fedtem.means", "fedtem.vars", "fedtem.log_weights"
 TRAIN_RESP, RESP, FEAT, SQ, SHARE = "fedtem.train_resp", "fedtem.resp", "fedtem.feat", "fedtem.sq", "fedtem.share"
@@ -83,7 +93,7 @@ def log_posterior(features: torch.Tensor, means: torch.Tensor, variances: torch.
     return torch.log_softmax(log_weights, 0) - sq / (2 * variances) - 0.5 * d * torch.log(variances)
 
 
-@STRATEGIES.register("fedtem")
+@STRATEGIES.register
 class FedTEM(MultiBranchStrategy):
     """FedTEM: a federated Gaussian mixture (soft EM) on features picks how much each branch trains on a
     client; a temporal prior on the mixture weights ties component k to mode k. See the module docstring."""
@@ -107,9 +117,8 @@ class FedTEM(MultiBranchStrategy):
         self.prior = TemporalPrior(self.params, self.setup.schedule, k)
 
     def configure_train(self, server_round: int, cohort: Sequence[ClientSpec]) -> list[ClientInstruction]:
-        arrays = {**self.opt.arrays, MEANS: self.means, VARS: self.vars,
-                  LOG_WEIGHTS: torch.tensor(self.log_weights, dtype=torch.float32)}
-        return [ClientInstruction(c.cid, arrays) for c in cohort]
+        mixture = {MEANS: self.means, VARS: self.vars, LOG_WEIGHTS: torch.tensor(self.log_weights, dtype=torch.float32)}
+        return [ClientInstruction(c.cid, self.opt.arrays, extra=mixture) for c in cohort]
 
     def apply_updates(self, replies: Sequence[ClientReply]) -> None:
         if not replies:

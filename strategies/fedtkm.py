@@ -34,50 +34,10 @@ center takes whatever is left.
 Test time: each example's branch is its nearest scaled center; the paper's protocol lets each group of up
 to ``eval.batch_size`` examples of one mode majority-vote one branch (see fedshift.evaluation).
 
-Parameters (defaults):
-    k (None = one per mode): branches and cluster centers; with the prior, k <= number of modes.
-    geo_lr (0.2): step of the temporal prior; 0 = plain federated k-means (no prior).
-    zero_mid (False): glr = geo_lr * |2 q_hat - 1|, so no step in mid-transition (q_hat = 0.5).
-    prior ("scenario"): the expected schedule: the scenario's own, or linear | cosine | block with the
-        scenario's period and phase.
-    prior_power (1.0): power of a named prior (the reference's prior ignores the shift's power).
-    label_smooth_w (0.0), label_smooth_eps (0.2): the KL term on the unchosen branches (the reference's
-        defaults; its EMNIST example uses 0.5 / 0.1, CIFAR 0.1 / 0.5 with zero_mid).
-    center_init_std (0.1): centers start N(0, std^2), drawn from the scenario seed.
-    clip_norm (None): clip each client's update to this global norm (Stack Overflow: 1.0).
-    eval_scaled (True): scale distances by s at test time, as FEDTKM.md says (the reference's flag
-        ``rescale_eval`` defaults to False).
-    center_lr (1.0): the center step, C_k += max(center_lr, 1 / u_k) (sum of rows k) / (sum of counts k),
-        u_k = rounds in which center k had clients so far (Sculley's mini-batch k-means with a floor): a
-        center's first update lands on its clients' mean, then it is their running mean until 1 / u_k falls
-        below center_lr, then a fixed step that follows the training features. 1 = the reference.
-    anchor (None): in a round whose cohort the prior schedule expects to be at least this share of one mode
-        (the schedule at round r, not lagged), every client takes that mode's center, for its branch and its
-        statistics, instead of voting; and the distance scales stay 1 until every center has been updated
-        once. Must be reached by every center within the run (a validation error otherwise). This is exact
-        schedule knowledge: with anchor 0.95 and a linear schedule of even period T < 40 the anchored rounds are
-        exactly the pure ones (q = 1 or 0), whose whole cohort gets the known mode's branch and center, i.e.
-        oracle supervision in 2 of every T rounds; a real system has that only if it knows the schedule exactly.
-    stats_model ("trained"): the model whose features give the center statistics (step 4): the locally
-        trained one, as the reference, or the received one, which is also the model that votes (step 1)
-        and the one evaluated, so centers, votes and test routing share one feature space.
-    server_optimizer: name (sgd), lr (1.0), momentum (0.9), beta1 (0.9), beta2 (0.999), eps (1e-8); the
-        paper uses adam, lr 0.1, eps 1e-4 with Keras' eps (eps_convention: keras; the reference is Keras).
-
-Beyond the reference (opt-in; defaults reproduce it): ``center_lr`` < 1, ``anchor`` and ``stats_model:
-received``; used together with a small ``geo_lr`` (0.02) they are what docs/strategies.md calls the anchored
-configuration. Measured on the offline digits scenarios (docs/strategies.md): the reference's full k-means
-step moves a center to the mean of whatever cohort chose it, so a round in which every client votes for one
-center drags that center to the cohort's mixture and the other center dies; the prior's scale then swings
-whole cohorts from one center to the other and never splits them by mode. The labelling (which center is day)
-is decided by which mode first splits off, and the prior then fights a swapped labelling instead of fixing it.
-Anchoring the rounds in which the prior itself says the cohort is (nearly) pure seeds center k on mode k, and
-the scales wait until both centers exist, so they do not wind up against a center still at its random start.
-With the scenario's local training (SGD lr 0.1, two epochs) a client's mean feature moves in one round about
-as far as the two modes' means are apart, so centers fitted to locally trained features sit in another feature
-space than the one that votes and is evaluated; ``stats_model: received`` fits them where they are used. Each
-step of the prior is a noisy measurement (a binomial cohort), so s random-walks even when every client is
-routed right; with geo_lr 0.2 the walk tips whole cohorts, with 0.02 it only keeps the labelling.
+Parameters: ``FedTKMParams`` below (each described once, in its ``Field``; docs/scenario-reference.md renders
+them). The defaults reproduce the reference; ``center_lr`` < 1, ``anchor`` and ``stats_model: received`` go
+beyond it (opt-in; with a small ``geo_lr`` they are the anchored configuration). Why the reference's clustering
+does not separate the modes, and what each option changes, measured: docs/strategies.md.
 
 Deliberate deviations from the reference: a head nobody trained this round takes no server step (the
 reference averages zero updates of unchosen heads in when label_smooth_w = 0, shrinking their step by the
@@ -92,18 +52,31 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedshift.clients.base import TrainTask
 from pydantic import Field
 
-from fedshift.checkpoint_io import as_numpy
-from fedshift.clients.base import TrainTask
-from fedshift.errors import ScenarioError
+from fedshift.core.checkpoint_io import as_numpy
+from fedshift.core.errors import ScenarioError
 from fedshift.evaluation import majority_vote
-from fedshift.models import ModelOutput
+from fedshift.nets.models import ModelOutput
 
 from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec
-from .multibranch import (ClusterParams, MultiBranchStrategy, TemporalPrior, branch_loss, center_metrics,
-                          clip_update, cluster_count, initial_centers, local_features, mean_stat, nearest, one_hot,
-                          scaled_distances, summed_stat)
+from .multibranch import (
+    ClusterParams,
+    MultiBranchStrategy,
+    TemporalPrior,
+    branch_loss,
+    center_metrics,
+    clip_update,
+    cluster_count,
+    initial_centers,
+    local_features,
+    mean_stat,
+    nearest,
+    one_hot,
+    scaled_distances,
+    summed_stat,
+)
 
 CENTERS, SCALES, ANCHORED = "fedtkm.centers", "fedtkm.scales", "fedtkm.anchored"
 ROWS, COUNTS, ASSIGNED = "fedtkm.center_rows", "fedtkm.center_counts", "fedtkm.assigned"
@@ -116,10 +89,12 @@ class FedTKMParams(ClusterParams):
                                                           "k had clients (1 = the reference's full k-means step)")
     anchor: float | None = Field(None, gt=0.5, le=1, description="in a round whose expected share of one mode "
                                                                  "is at least this, every client takes that "
-                                                                 "mode's center instead of voting (None = never)")
+                                                                 "mode's center instead of voting (None = never); "
+                                                                 "exact schedule knowledge: with 0.95 and a linear "
+                                                                 "schedule these are the pure rounds")
 
 
-@STRATEGIES.register("fedtkm")
+@STRATEGIES.register
 class FedTKM(MultiBranchStrategy):
     """FedTKM (Zhu et al., ICLR 2022): federated k-means on features picks each client's branch; a temporal
     prior on the share of clients per center ties center k to mode k. See the module docstring."""
@@ -137,7 +112,7 @@ class FedTKM(MultiBranchStrategy):
         then."""
         if params.anchor is None:
             return []
-        from fedshift.simulation.world import build_schedule
+        from fedshift.shift import build_schedule
 
         try:
             schedule = build_schedule(scenario)
@@ -164,11 +139,11 @@ class FedTKM(MultiBranchStrategy):
         self.prior = TemporalPrior(self.params, self.setup.schedule, k)
 
     def configure_train(self, server_round: int, cohort: Sequence[ClientSpec]) -> list[ClientInstruction]:
-        arrays = {**self.opt.arrays, CENTERS: self.centers, SCALES: torch.tensor(self.scales, dtype=torch.float32)}
+        extra = {CENTERS: self.centers, SCALES: torch.tensor(self.scales, dtype=torch.float32)}
         anchored = self.anchored_center(server_round)
         if anchored is not None:
-            arrays[ANCHORED] = torch.tensor(anchored)
-        return [ClientInstruction(c.cid, arrays) for c in cohort]
+            extra[ANCHORED] = torch.tensor(anchored)
+        return [ClientInstruction(c.cid, self.opt.arrays, extra=extra) for c in cohort]
 
     def aggregate_train(self, server_round: int, replies: Sequence[ClientReply]) -> dict[str, float]:
         ok = replies

@@ -26,12 +26,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from fedshift.clients.base import ClientData, TrainTask
 from pydantic import Field
 
-from fedshift.clients.base import ClientData, TrainTask
-from fedshift.data.federation import UNLABELLED
+from fedshift.core.tensors import UNLABELLED
 from fedshift.evaluation import Routing
-from fedshift.models import ModelOutput, MultiBranchNet
+from fedshift.nets.models import ModelOutput, MultiBranchNet
 
 from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec, StrategyParams
 from .multibranch import MultiBranchStrategy
@@ -64,7 +64,7 @@ def local_head_losses(model: MultiBranchNet, data: ClientData, batch_size: int =
     return total / max(int((data.y != UNLABELLED).sum()), 1)
 
 
-@STRATEGIES.register("ifca")
+@STRATEGIES.register
 class IFCA(MultiBranchStrategy):
     """IFCA (Ghosh et al., NeurIPS 2020): each client trains the head with its lowest local loss."""
 

@@ -20,19 +20,17 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fedshift.clients.base import Batch, ClientData, LossFn
 from pydantic import Field
 
-from fedshift.clients.base import Batch, ClientData, LossFn
-from fedshift.data.federation import UNLABELLED
-from fedshift.errors import ScenarioError
-from fedshift.models import ModelOutput, MultiBranchNet
+from fedshift.core.errors import ScenarioError
+from fedshift.core.seeding import Stream, seed_of
+from fedshift.core.tensors import UNLABELLED
+from fedshift.nets.models import ModelOutput, MultiBranchNet
 from fedshift.shift import SCHEDULES, ModeSchedule
 
 from .base import ClientReply, StrategyParams, StrategySetup, mean_metric
 from .server_optimizer import ModelStrategy, mean_update
-
-CENTER_STREAM = 5  # random stream of the scenario seed for initial cluster centers
-
 
 # ------------------------------------------------------------------------------------------ parameters
 
@@ -108,7 +106,7 @@ def mean_stat(replies: Sequence[ClientReply], key: str) -> torch.Tensor:
 
 def initial_centers(setup: StrategySetup, k: int, dim: int, std: float) -> torch.Tensor:
     """K x D centers drawn from N(0, std^2) with a generator seeded by the scenario seed."""
-    seed = int(np.random.SeedSequence([setup.seed, CENTER_STREAM]).generate_state(1)[0])
+    seed = seed_of(setup.seed, Stream.CENTERS)
     return torch.randn(k, dim, generator=torch.Generator().manual_seed(seed)) * std
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from fedshift.clients.base import TrainTask
+
 from fedshift.evaluation import votes
 
 from .base import STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec
@@ -30,7 +30,7 @@ from .multibranch import LabelSmoothingParams, MultiBranchStrategy, branch_loss,
 BRANCH = "oracle.branch"
 
 
-@STRATEGIES.register("oracle")
+@STRATEGIES.register
 class Oracle(MultiBranchStrategy):
     """Oracle: branch = the client's true mode, in training and at test time."""
 

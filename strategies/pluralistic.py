@@ -23,12 +23,20 @@ from typing import Any
 
 from fedshift.clients.base import TrainTask
 
-from .base import (STRATEGIES, ClientInstruction, ClientJob, ClientReply, ClientResult, ClientSpec, ServerStrategy,
-                   mean_metric)
+from .base import (
+    STRATEGIES,
+    ClientInstruction,
+    ClientJob,
+    ClientReply,
+    ClientResult,
+    ClientSpec,
+    ServerStrategy,
+    mean_metric,
+)
 from .server_optimizer import ServerOptimizer, mean_update
 
 
-@STRATEGIES.register("pluralistic")
+@STRATEGIES.register
 class Pluralistic(ServerStrategy):
     """Pluralistic averaging (Eichner et al., ICML 2019): one model per mode, mode known."""
 

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 @pytest.fixture
 def digits_raw():
     """The default scenario as a raw mapping, shrunk for fast tests."""
-    from fedshift.config import read_scenario_source
+    from fedshift.scenario import read_scenario_source
 
     raw, _, _ = read_scenario_source("default")
     return raw

@@ -11,9 +11,10 @@ from torch import nn
 
 from fedshift import adapt
 from fedshift.adapt import ADAPTATIONS, AdaptedStream, BNAdaptParams, TentParams, build_adaptation, check_model, entropy
-from fedshift.config import ComponentParams, ComponentSpec, EvalConfig
+from fedshift.core.params import ComponentParams, ComponentSpec
 from fedshift.evaluation import evaluate_modes
-from fedshift.models import MultiBranchNet
+from fedshift.nets.models import MultiBranchNet
+from fedshift.schema import EvalConfig
 
 
 def bn_net(seed: int = 0, dropout: float = 0.0) -> MultiBranchNet:
@@ -246,8 +247,8 @@ def test_bn_adapt_prior_strength_accepts_null_and_infinity_and_rejects_negatives
 
 def test_bn_adapt_on_a_model_without_batchnorm_fails_when_the_world_is_built():
     from fedshift import load_scenario
-    from fedshift.errors import ScenarioError
-    from fedshift.simulation.world import World
+    from fedshift.core.errors import ScenarioError
+    from fedshift.runtime.worker import World
 
     scenario = load_scenario("default", ["eval.adapt=bn_adapt"])
     with pytest.raises(ScenarioError) as err:

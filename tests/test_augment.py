@@ -13,16 +13,18 @@ import torch.nn.functional as F
 
 pytest.importorskip("kornia")
 
-from fedshift import augment as A  # noqa: E402
-from fedshift.augment import (AUGMENTATIONS, ConsistencyViews, build_augmenter, from_unit,  # noqa: E402
-                              jensen_shannon, to_unit)
 from fedshift.clients import CLIENT_STRATEGIES  # noqa: E402
 from fedshift.clients.base import Batch, ClientData, TrainContext, TrainTask  # noqa: E402
-from fedshift.config import ClientConfig, ComponentParams, ComponentSpec, load_scenario  # noqa: E402
-from fedshift.errors import ScenarioError  # noqa: E402
-from fedshift.models import MLP, MLPParams  # noqa: E402
-from fedshift.simulation.world import World  # noqa: E402
 from fedshift.strategies.base import ClientInstruction  # noqa: E402
+
+from fedshift import augment as A  # noqa: E402
+from fedshift.augment import AUGMENTATIONS, ConsistencyViews, build_augmenter, from_unit, jensen_shannon, to_unit
+from fedshift.core.errors import ScenarioError  # noqa: E402
+from fedshift.core.params import ComponentParams, ComponentSpec
+from fedshift.nets.models import MLP, MLPParams  # noqa: E402
+from fedshift.runtime.worker import World  # noqa: E402
+from fedshift.scenario import load_scenario  # noqa: E402
+from fedshift.schema import ClientConfig
 
 NAMES = ["color_jitter", "randaugment", "autoaugment", "augmix"]
 # options that make every augmentation change its input (color_jitter's defaults are the identity)

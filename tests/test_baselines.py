@@ -4,24 +4,33 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
-
-from fedshift import load_scenario
 from fedshift.clients.base import ClientData
-import numpy as np
-
-from fedshift.config import EvalConfig
-from fedshift.evaluation import (best_matching, evaluate_modes, evaluate_routed, majority_vote, reference_groups,
-                                 split_test_clients)
-from fedshift.models import ModelOutput, MultiBranchNet
 from fedshift.strategies.base import ClientReply, ClientSpec, StrategyParams
 from fedshift.strategies.ifca import IFCA
 from fedshift.strategies.oracle import Oracle
 from fedshift.strategies.pluralistic import Pluralistic
-from test_fedtkm import client_job, identity_net, setup_for  # the in-process harness of the FedTKM tests
+from test_fedtkm import (  # the in-process harness of the FedTKM tests
+    client_job,
+    identity_net,
+    setup_for,
+)
+from torch import nn
+
+from fedshift import load_scenario
+from fedshift.evaluation import (
+    best_matching,
+    evaluate_modes,
+    evaluate_routed,
+    majority_vote,
+    reference_groups,
+    split_test_clients,
+)
+from fedshift.nets.models import ModelOutput, MultiBranchNet
+from fedshift.schema import EvalConfig
 
 
 def fixed_head_net(head_classes: list[int], dim: int = 1, classes: int = 2) -> MultiBranchNet:
@@ -236,7 +245,7 @@ def test_evaluate_routed_uses_each_modes_model():
 
 @pytest.mark.e2e
 def test_every_multibranch_strategy_runs_end_to_end_through_ray(tmp_path):
-    from fedshift.simulation import Simulation, run_many
+    from fedshift.runtime import Simulation, run_many
 
     base = ["rounds=2", "clients_per_round=4", "output.tensorboard=false", "output.save_model=false"]
     names = ["fedtkm", "fedtem", "oracle", "ifca", "pluralistic"]

@@ -7,7 +7,7 @@ import sys
 import yaml
 from typer.testing import CliRunner
 
-from fedshift.cli import app
+from fedshift.apps.cli import app
 
 runner = CliRunner()
 
@@ -55,7 +55,7 @@ def test_run_refuses_a_non_empty_out_directory(tmp_path):
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    r = subprocess.run([sys.executable, "-m", "fedshift.cli", "run", "--set", "shift.period=1"],
+    r = subprocess.run([sys.executable, "-m", "fedshift.apps.cli", "run", "--set", "shift.period=1"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 2
     assert "shift.period" in r.stderr and "Traceback" not in r.stderr

@@ -2,7 +2,7 @@
 
 Starting Ray and its actors costs most of a short run (about 10 s on 2 cores, more under load), and Flower's
 ``run_simulation`` shuts Ray down at the end of every call, so one call per strategy would cost minutes. Here
-one ``run_simulation`` call serves them all (``fedshift.simulation.run_many``): its ServerApp runs each
+one ``run_simulation`` call serves them all (``fedshift.runtime.run_many``): its ServerApp runs each
 strategy's ``Simulation`` in turn on the same supernodes. That is the real path of a run (Flower messages to Ray
 actors, the ClientApp, the World built on the worker from the scenario text each message carries); only the
 Ray start and the actors are shared.
@@ -12,10 +12,10 @@ import math
 import time
 
 import pytest
+from fedshift.clients import CLIENT_STRATEGIES
 
 from fedshift import load_scenario
-from fedshift.clients import CLIENT_STRATEGIES
-from fedshift.simulation import Simulation, run_many
+from fedshift.runtime import Simulation, run_many
 
 pytestmark = pytest.mark.e2e
 

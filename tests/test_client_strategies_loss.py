@@ -13,9 +13,6 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy import stats as scipy_stats
-from torch import nn
-
 from fedshift.clients import CLIENT_STRATEGIES
 from fedshift.clients.base import Batch, ClientData, TrainContext, TrainTask
 from fedshift.clients.coral import coral_distance, feature_sums, masked_moments, sums_to_stats
@@ -28,9 +25,13 @@ from fedshift.clients.jtt import JTT, error_set, upsample
 from fedshift.clients.mixup import Mixup, mix, mixup_partners
 from fedshift.clients.sam import sam_perturbation
 from fedshift.clients.utils import domain_masks
-from fedshift.config import ClientConfig, load_scenario
-from fedshift.errors import ScenarioError
-from fedshift.models import MLP, MLPParams, ModelOutput, MultiBranchNet
+from scipy import stats as scipy_stats
+from torch import nn
+
+from fedshift.core.errors import ScenarioError
+from fedshift.nets.models import MLP, MLPParams, ModelOutput, MultiBranchNet
+from fedshift.scenario import load_scenario
+from fedshift.schema import ClientConfig
 
 MINE = ["coral", "dann", "fish", "gpm", "gradvac", "hessian_trace", "irm", "jtt", "mixup", "sam"]
 NEEDS_MIXED = {"dann", "fish", "gradvac"}

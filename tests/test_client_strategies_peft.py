@@ -8,22 +8,23 @@ import types
 
 import pytest
 import torch
-from torch import nn
-
-from fedshift import load_scenario
 from fedshift.clients import CLIENT_STRATEGIES, ClientData, TrainContext, TrainTask
 from fedshift.clients.beta_vae import BetaVAEParams, beta_vae_loss, capacity, kl_divergence, reconstruction_loss
 from fedshift.clients.ema_teacher import STATE, ema_update_, prob_pseudo_mixup, unlabelled_loss
 from fedshift.clients.head2toe import group_lasso_penalty, group_soft_threshold_, pool_block, select_features
 from fedshift.clients.paint import interpolate
-from fedshift.clients.peft import LoRAConv2d, LoRALinear, peft_parameter_names, trunk_blocks
-from fedshift.config import ClientConfig
-from fedshift.errors import ScenarioError
-from fedshift.models import ARCHITECTURES
-from fedshift.simulation.engine import Simulation
-from fedshift.simulation.flower.transport import unpack_instructions
-from fedshift.simulation.world import World
+from fedshift.clients.peft import LoRAConv2d, LoRALinear, peft_parameter_names
 from fedshift.strategies.base import ClientInstruction
+from torch import nn
+
+from fedshift import load_scenario
+from fedshift.core.errors import ScenarioError
+from fedshift.core.tensors import trunk_blocks
+from fedshift.nets.models import ARCHITECTURES
+from fedshift.runtime.flower.transport import unpack_instructions
+from fedshift.runtime.loop import Simulation
+from fedshift.runtime.worker import World
+from fedshift.schema import ClientConfig
 
 SHAPE = (1, 8, 8)
 
@@ -163,6 +164,8 @@ def first_round_instructions(tmp_path, sc, monkeypatch):
 
     for key in ("_run_id", "_node_id", "_task_id"):  # set by Flower's ServerApp runtime, which is not running here
         monkeypatch.setattr(TaskIdentity, key, 1)
+    from fedshift.runtime.flower.executor import FlowerExecutor
+
     sim = Simulation(sc, out=tmp_path / "run")
 
     class Captured(Exception):
@@ -180,7 +183,7 @@ def first_round_instructions(tmp_path, sc, monkeypatch):
 
     grid = Grid()
     with pytest.raises(Captured):
-        sim.serve(grid)
+        sim.serve_with(FlowerExecutor(grid))
     return sim, [task.instruction for m in grid.messages for task in unpack_instructions(m.content).tasks]
 
 

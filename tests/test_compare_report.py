@@ -8,16 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from fedshift.strategies.fedavg import FedAvg
 from PIL import Image
 from typer.testing import CliRunner
 
 from fedshift import load_scenario
-from fedshift.cli import app
-from fedshift.compare import Cell, parse_seeds, parse_sweeps, plan_grid, split_list
-from fedshift.errors import FedshiftError, ScenarioError
-from fedshift.recording import TensorBoard
-from fedshift.report import make_report
-from fedshift.strategies.fedavg import FedAvg
+from fedshift.apps.cli import app
+from fedshift.apps.compare import Cell, parse_seeds, parse_sweeps, plan_grid, split_list
+from fedshift.apps.report import make_report
+from fedshift.core.errors import FedshiftError, ScenarioError
+from fedshift.runtime.callbacks import TensorBoard
 
 runner = CliRunner()
 

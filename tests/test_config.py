@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from fedshift.config import apply_overrides, builtin_scenarios, load_scenario, validate_scenario
-from fedshift.errors import ScenarioError
+from fedshift.core.errors import ScenarioError
+from fedshift.scenario import apply_overrides, builtin_scenarios, load_scenario, validate_scenario
 
 
 def problems(raw, base_dir=None):
@@ -167,5 +167,5 @@ def test_model_branches_must_match_the_strategy(digits_raw):
 def test_dotted_plugin_path_errors_are_clear(digits_raw):
     digits_raw["client"]["strategy"] = "no_such_pkg.mod:Thing"
     assert "cannot import module 'no_such_pkg.mod'" in problems(digits_raw)["client.strategy"]
-    digits_raw["client"]["strategy"] = "fedshift.config:Scenario"
+    digits_raw["client"]["strategy"] = "fedshift.schema:Scenario"
     assert "not a ClientTrainer subclass" in problems(digits_raw)["client.strategy"]

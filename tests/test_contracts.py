@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from fedshift.strategies import STRATEGIES
 
 from fedshift import load_scenario, run_scenario
-from fedshift.strategies import STRATEGIES
 
 BASE = ["rounds=3", "clients_per_round=4", "data.clients_per_mode=6", "model.hidden=[16]", "model.feature_dim=8",
         "eval.every=1", "output.tensorboard=false", "output.save_model=false", "backend.device=cpu"]
@@ -57,3 +57,42 @@ def test_a_strategy_survives_failed_and_nonfinite_clients(name, tmp_path, one_to
     assert all(r["clients/failed"] == r["clients/failed/raised"] + r["clients/failed/dropped"]
                + r["clients/failed/nonfinite"] for r in rows), name
     assert all(0.0 <= r["eval/all/accuracy"] <= 1.0 for r in rows), name  # the model stayed finite
+
+
+def test_a_client_strategy_writes_only_its_loss_and_the_default_update_steps_on_it():
+    """The default ``update`` takes one optimizer step on ``loss(batch, ctx)``: a penalty method is its loss."""
+    import torch
+
+    from fedshift.clients import Batch, ClientTrainer, TrainContext, TrainTask
+    from fedshift.core.params import ComponentParams
+    from fedshift.schema import ClientConfig
+
+    class Shrink(ClientTrainer):
+        name = "shrink"
+
+        def loss(self, batch, ctx):
+            task = ctx.loss(ctx.model(batch.x), batch)
+            penalty = sum((p ** 2).sum() for p in ctx.model.parameters())
+            return task + 0.1 * penalty, {"loss": task, "shrink.penalty": penalty}
+
+    from fedshift.nets.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP.build((4,), 3, 1, 8, MLP.Params(hidden=[8]))
+    batch = Batch(torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.zeros(6, dtype=torch.long))
+    trainer = Shrink(ComponentParams(), ClientConfig(strategy="erm", lr=0.1))
+    ctx = TrainContext(model=model, data=None, task=TrainTask(), device=torch.device("cpu"), round=0, cid=0,
+                       state={}, generator=torch.Generator(), settings=trainer.settings)
+    ctx.optimizer = ctx.make_optimizer()
+    before = [p.detach().clone() for p in model.parameters()]
+    expected_grads = torch.autograd.grad(trainer.loss(batch, ctx)[0], list(model.parameters()))
+    metrics = trainer.update(batch, ctx)
+    assert set(metrics) == {"loss", "shrink.penalty"}
+    for p, b, g in zip(model.parameters(), before, expected_grads):  # plain SGD: w <- w - lr * grad
+        torch.testing.assert_close(p.detach(), b - 0.1 * g)
+
+    class Nothing(ClientTrainer):
+        name = "nothing"
+
+    with pytest.raises(NotImplementedError, match="Nothing implements neither loss\\(\\) nor update\\(\\)"):
+        Nothing(ComponentParams(), trainer.settings).update(batch, ctx)

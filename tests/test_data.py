@@ -1,11 +1,13 @@
 import numpy as np
 import pytest
 
-from fedshift.config import TransformSpec, validate_scenario
+from fedshift.core.errors import ScenarioError
+from fedshift.core.tensors import UNLABELLED
 from fedshift.data import build_federation
-from fedshift.data.federation import UNLABELLED, apply_transforms
+from fedshift.data.federation import apply_transforms
 from fedshift.data.partition import dirichlet_partition, iid_partition, natural_partition
-from fedshift.errors import ScenarioError
+from fedshift.scenario import validate_scenario
+from fedshift.schema import TransformSpec
 
 
 def test_iid_partition_covers_everything_once_in_near_equal_parts():
@@ -124,7 +126,7 @@ def test_too_few_examples_is_a_scenario_error(digits_raw):
 
 def test_the_server_world_keeps_layout_and_test_sets_but_no_training_examples():
     from fedshift import load_scenario
-    from fedshift.simulation.world import World
+    from fedshift.runtime.worker import World
 
     scenario = load_scenario("default")
     server, worker = World.build(scenario, on_worker=False), World.build(scenario, on_worker=True)

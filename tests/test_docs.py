@@ -1,13 +1,13 @@
 from pathlib import Path
 
-from fedshift.docgen import render
+from fedshift.apps.docgen import render
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_scenario_reference_is_generated_from_the_schema():
     committed = (ROOT / "docs" / "scenario-reference.md").read_text()
-    assert committed == render(), "docs/scenario-reference.md is stale: python -m fedshift.docgen > docs/scenario-reference.md"
+    assert committed == render(), "docs/scenario-reference.md is stale: python -m fedshift.apps.docgen > docs/scenario-reference.md"
 
 
 def test_ci_runs_the_readme_test_command():

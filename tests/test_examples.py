@@ -3,14 +3,14 @@
 import pandas as pd
 import pytest
 import torch
+from fedshift.clients import ClientData, TrainContext, TrainTask
+from fedshift.strategies.base import ClientReply, StrategyParams
 
 from examples.fedprox_client import FedProxERM
 from examples.median_strategy import FedMedian
 from fedshift import load_scenario, run_scenario
-from fedshift.clients import ClientData, TrainContext, TrainTask
-from fedshift.config import ClientConfig
-from fedshift.models import ARCHITECTURES
-from fedshift.strategies.base import ClientReply, StrategyParams
+from fedshift.nets.models import ARCHITECTURES
+from fedshift.schema import ClientConfig
 
 
 def test_median_ignores_an_outlier():
@@ -55,7 +55,7 @@ def test_examples_run_from_a_scenario_by_dotted_path(tmp_path):
 
 def test_channel_dropout_module_plugs_in_by_dotted_path():
     from examples.channel_dropout_module import ChannelDrop
-    from fedshift.models import build_model
+    from fedshift.build import build_model
 
     spec = '{name: "examples.channel_dropout_module:ChannelDropout", p: 0.5}'
     scenario = load_scenario("default", ["model={architecture: cnn, channels: [4, 4], modules: [%s]}" % spec])

@@ -36,7 +36,7 @@ def _frame(rows) -> pd.DataFrame:
 
 @pytest.mark.e2e
 def test_inprocess_executor_gives_flowers_metrics(tmp_path):
-    from fedshift.simulation import Simulation, run_many
+    from fedshift.runtime import Simulation, run_many
 
     sims = [Simulation(load_scenario("default", [*BASE, *extra]), out=tmp_path / f"flower-{name}")
             for name, extra in CASES.items()]
@@ -69,12 +69,12 @@ print("ok")
 
 
 def test_unknown_executor_is_a_clear_error(tmp_path):
-    from fedshift.errors import FedshiftError
-    from fedshift.simulation import Simulation
+    from fedshift.core.errors import FedshiftError
+    from fedshift.runtime import Simulation, run
 
     sim = Simulation(load_scenario("default", [*BASE, "rounds=1"]), out=tmp_path / "r")
     with pytest.raises(FedshiftError, match="executor 'threads' is not one of flower, inprocess"):
-        sim.run("threads")
+        run(sim, "threads")
 
 
 def test_an_injected_crash_fails_its_pack_in_process_without_killing_the_process(tmp_path):

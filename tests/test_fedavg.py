@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from fedshift.strategies.base import ClientReply, ServerOptimizerConfig, StrategyParams, screen
 from fedshift.strategies.fedavg import FedAvg
 from fedshift.strategies.server_optimizer import ServerOptimizer, mean_update

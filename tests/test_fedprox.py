@@ -7,17 +7,18 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from fedshift import load_scenario, run_scenario
 from fedshift.clients.base import ClientData, TrainTask
 from fedshift.clients.erm import ERM
 from fedshift.clients.irm import IRM
-from fedshift.config import ClientConfig, ComponentParams
-from fedshift.models import MultiBranchNet
-from fedshift.strategies.base import ClientInstruction, ClientJob
+from fedshift.strategies.base import ClientJob
 from fedshift.strategies.fedprox import FedProx
 from test_fedtkm import setup_for
+from torch import nn
+
+from fedshift import load_scenario, run_scenario
+from fedshift.core.params import ComponentParams
+from fedshift.nets.models import MultiBranchNet
+from fedshift.schema import ClientConfig
 
 LR, EPOCHS = 0.5, 3
 
@@ -36,9 +37,7 @@ def data(n: int = 8) -> ClientData:
 def job_for(strategy, trainer, model) -> ClientJob:
     ins = strategy.configure_train(0, [type("Spec", (), {"cid": 0, "mode": 0})()])[0]
     model.load_state_dict(ins.arrays)
-    return ClientJob(cid=0, round=0, model=model, received=list(ins.arrays), data=data(), trainer=trainer,
-                     config={}, device=torch.device("cpu"), state={}, generator=torch.Generator().manual_seed(0),
-                     extra={})
+    return ClientJob.of(model, data(), trainer, received=list(ins.arrays), generator=torch.Generator().manual_seed(0))
 
 
 def erm(batch_size: int = 8) -> ERM:

@@ -7,19 +7,20 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from fedshift import load_scenario
 from fedshift.clients.base import ClientData
 from fedshift.clients.erm import ERM
-from fedshift.config import ClientConfig, ComponentParams, EvalConfig
-from fedshift.errors import ScenarioError
-from fedshift.models import ModelOutput, MultiBranchNet
-from fedshift.shift import SCHEDULES, ModeSampler
 from fedshift.strategies.base import ClientJob, ClientReply, ClientSpec, StrategySetup, screen
 from fedshift.strategies.fedtem import FedTEM
 from fedshift.strategies.fedtkm import FedTKM
 from fedshift.strategies.multibranch import TemporalPrior, branch_loss
+from torch import nn
+
+from fedshift import load_scenario
+from fedshift.core.errors import ScenarioError
+from fedshift.core.params import ComponentParams
+from fedshift.nets.models import ModelOutput, MultiBranchNet
+from fedshift.schema import ClientConfig, EvalConfig
+from fedshift.shift import SCHEDULES, ModeSampler
 
 # ------------------------------------------------------------------------------------------ harness
 
@@ -50,14 +51,11 @@ def points(x, mode: int = 0) -> ClientData:
 
 
 def client_job(strategy, instruction, data: ClientData, model: MultiBranchNet, server_round: int = 0) -> ClientJob:
-    """What World.run_client builds: model parameters loaded, the other arrays in ``extra``."""
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in instruction.arrays.items() if k in own}, strict=False)
-    return ClientJob(cid=instruction.cid, round=server_round, model=model,
-                     received=[k for k in instruction.arrays if k in own], data=data, trainer=trainer(),
-                     config=instruction.config, device=torch.device("cpu"), state={},
-                     generator=torch.Generator().manual_seed(instruction.cid),
-                     extra={k: v for k, v in instruction.arrays.items() if k not in own})
+    """What World.run_client builds: the model parameters loaded, the algorithm's arrays in ``extra``."""
+    model.load_state_dict(instruction.arrays, strict=False)
+    return ClientJob.of(model, data, trainer(), cid=instruction.cid, round=server_round,
+                        received=list(instruction.arrays), config=instruction.config, extra=instruction.extra,
+                        generator=torch.Generator().manual_seed(instruction.cid))
 
 
 def run_round(strategy, server_round: int, cohort: list[ClientSpec], data: dict[int, ClientData],
@@ -593,8 +591,9 @@ def test_client_max_examples_caps_the_vote_the_training_and_the_center_statistic
     its examples, the same N in all three passes of FedTKM, and reports N."""
     import copy
 
-    from fedshift.simulation.world import World
     from fedshift.strategies.fedtkm import COUNTS
+
+    from fedshift.runtime.worker import World
 
     world = World.build(load_scenario("default", ["strategy.name=fedtkm", "client.max_examples=5",
                                                   "client.batch_size=2", "client.local_epochs=1"]))

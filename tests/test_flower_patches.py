@@ -6,7 +6,7 @@ from queue import Queue
 
 import flwr
 
-from fedshift.simulation.flower import patches as flower_patches
+from fedshift.runtime.flower import patches as flower_patches
 
 
 def test_patch_installs_on_the_installed_flower():

@@ -17,8 +17,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from fedshift.errors import FedshiftError
-from fedshift.simulation.flower.app import RUN_CONFIG_KEYS, AppConfig, packing_override, parse_run_config, wait_for_supernodes
+from fedshift.core.errors import FedshiftError
+from fedshift.runtime.flower.app import (
+    RUN_CONFIG_KEYS,
+    AppConfig,
+    packing_override,
+    parse_run_config,
+    wait_for_supernodes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SUPERLINK_PORT = 39091  # fixed in flwr/cli/constant.py
@@ -79,7 +85,7 @@ def test_pyproject_declares_the_app():
     assert isinstance(load_app(app["components"]["serverapp"], ValueError, ROOT), ServerApp)
     client = load_app(app["components"]["clientapp"], ValueError, ROOT)
     assert isinstance(client, ClientApp)
-    from fedshift.simulation.flower import client_app
+    from fedshift.runtime.flower import client_app
 
     assert client is client_app.app  # the importable module whose globals cache the World in each actor
 
@@ -89,7 +95,7 @@ def test_the_serverapp_ends_its_process_when_flowers_runtime_has_stopped(tmp_pat
     process alive."""
     script = textwrap.dedent("""
         import threading
-        from fedshift.simulation.flower.app import end_with_the_runtime
+        from fedshift.runtime.flower.app import end_with_the_runtime
         done = threading.Event()
         threading.Thread(target=threading.Event().wait, daemon=False).start()  # the blocked round loop
         threading.Thread(target=end_with_the_runtime, args=(done, 0.1), daemon=True).start()

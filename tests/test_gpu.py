@@ -5,12 +5,12 @@ Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest 
 
 import pytest
 import torch
-
-from fedshift import load_scenario
 from fedshift.clients import CLIENT_STRATEGIES
-from fedshift.simulation.world import World
 from fedshift.strategies import STRATEGIES
 from fedshift.strategies.base import ClientSpec
+
+from fedshift import load_scenario
+from fedshift.runtime.worker import World
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

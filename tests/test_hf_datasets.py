@@ -21,9 +21,9 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 Image = pytest.importorskip("PIL.Image")
 
-from fedshift.config import load_scenario  # noqa: E402
+from fedshift.core.errors import DatasetUnavailable  # noqa: E402
 from fedshift.data import DATASETS, build_federation  # noqa: E402
-from fedshift.errors import DatasetUnavailable  # noqa: E402
+from fedshift.scenario import load_scenario  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -320,7 +320,7 @@ def test_missing_folder_and_missing_split_are_named(tmp_path, cifar):
 def test_cli_run_prints_the_error_and_exits_2(monkeypatch, tmp_path, overrides, expect):
     from typer.testing import CliRunner
 
-    from fedshift.cli import app
+    from fedshift.apps.cli import app
 
     monkeypatch.setitem(sys.modules, "datasets", None)
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
@@ -363,7 +363,7 @@ def test_hub_route_through_datasets_gives_the_same_arrays(monkeypatch, tmp_path,
 def test_datasets_offline_mode_gives_a_clear_error(tmp_path):
     pytest.importorskip("datasets")
     code = ("from fedshift.data import DATASETS\n"
-            "from fedshift.errors import DatasetUnavailable\n"
+            "from fedshift.core.errors import DatasetUnavailable\n"
             "cls = DATASETS.get('emnist')\n"
             "try:\n"
             "    cls(cls.Params()).load(0, 0.1)\n"

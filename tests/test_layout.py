@@ -1,4 +1,4 @@
-"""Every Flower detail lives in fedshift/simulation/flower/: no other module imports flwr or ray, not even inside a
+"""Every Flower detail lives in fedshift/runtime/flower/: no other module imports flwr or ray, not even inside a
 function (the in-process executor and everything it uses must run where neither is installed), and the deprecated
 ``run_simulation`` is called in one place."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = [ROOT / "fedshift", ROOT / "strategies", ROOT / "clients"]
-FLOWER = ROOT / "fedshift" / "simulation" / "flower"
+FLOWER = ROOT / "fedshift" / "runtime" / "flower"
 # the plain-Flower comparison of `fedshift bench` ("written as Flower's tutorials write it") is Flower by design
-ALLOWED = {ROOT / "fedshift" / "_flower_baseline.py"}
+ALLOWED = {ROOT / "fedshift" / "apps" / "flower_baseline.py"}
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
@@ -41,7 +41,7 @@ def test_run_simulation_is_called_in_one_place():
              for path in _modules() if path not in ALLOWED
              for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "run_simulation"]
-    assert calls == ["fedshift/simulation/flower/runtime.py:" + calls[0].split(":")[1]] and len(calls) == 1, calls
+    assert calls == ["fedshift/runtime/flower/runtime.py:" + calls[0].split(":")[1]] and len(calls) == 1, calls
 
 
 def test_the_check_sees_an_import_inside_a_function(tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedshift.models import ARCHITECTURES
+from fedshift.nets.models import ARCHITECTURES
 
 
 @pytest.mark.parametrize("arch,shape,feature", [
@@ -71,8 +71,8 @@ def block_io(model, shape) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
 
 
 def test_resnet18_gn_stem_is_conv7_stride2_and_maxpool_with_keras_same_padding():
-    from fedshift.models import same_pads
-    from fedshift.modules import uneven_padding
+    from fedshift.nets.models import same_pads
+    from fedshift.nets.modules import uneven_padding
 
     model = reference_resnet()
     io = block_io(model, (3, 24, 24))
@@ -159,7 +159,8 @@ def test_resnet18_gn_feature_is_the_512_d_average_of_the_final_norm_relu():
 
 def test_resnet18_gn_padding_mode_reaches_the_stems_keras_same_pad():
     from fedshift import load_scenario
-    from fedshift.models import SamePad2d, build_model
+    from fedshift.build import build_model
+    from fedshift.nets.models import SamePad2d
 
     model = build_model(load_scenario("default", ["model={architecture: resnet18_gn, width: 8, padding: reflect}"]),
                         (3, 24, 24), 10)

@@ -6,10 +6,17 @@ import torch
 from torch import nn
 
 from fedshift import load_scenario
-from fedshift.errors import ScenarioError
-from fedshift.models import build_model
-from fedshift.modules import (DSU, CrossNorm, SelfNorm, feature_map_blocks, instance_stats, set_padding_mode,
-                              uneven_padding)
+from fedshift.build import build_model
+from fedshift.core.errors import ScenarioError
+from fedshift.nets.modules import (
+    DSU,
+    CrossNorm,
+    SelfNorm,
+    feature_map_blocks,
+    instance_stats,
+    set_padding_mode,
+    uneven_padding,
+)
 
 CNN = "model={architecture: cnn, channels: [4, 6], feature_dim: 8%s}"
 
@@ -210,7 +217,7 @@ def test_a_module_that_does_not_fit_the_architecture_names_both():
 
 
 def test_a_checkpoint_of_the_plain_model_loads_into_one_with_selfnorm(tmp_path):
-    from fedshift.simulation.world import load_pretrained
+    from fedshift.build import load_pretrained
 
     plain = cnn()
     torch.save(plain.state_dict(), tmp_path / "plain.pt")

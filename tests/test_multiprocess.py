@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 
 from fedshift import load_scenario
-from fedshift.recording import Callback
-from fedshift.simulation import Simulation
-from fedshift.simulation.executors import InProcessExecutor
-from fedshift.simulation.multiprocess import MultiprocessExecutor, balance
+from fedshift.runtime import Simulation
+from fedshift.runtime.callbacks import Callback
+from fedshift.runtime.executors import InProcessExecutor
+from fedshift.runtime.multiprocess import MultiprocessExecutor, balance
 
 BASE = ["rounds=4", "clients_per_round=4", "eval.every=2", "output.tensorboard=false", "output.save_model=false"]
 
@@ -94,7 +94,7 @@ def test_bench_raw_is_the_better_of_one_process_on_all_threads_and_one_process_p
 
     from rich.console import Console
 
-    from fedshift.bench import limit_label, run_bench
+    from fedshift.apps.bench import limit_label, run_bench
 
     console = Console(file=io.StringIO(), width=200)
     report = run_bench("A", 3, str(tmp_path / "bench.json"), ["fedshift", "flower"],

@@ -6,19 +6,23 @@ import math
 
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
-from torch import nn
-
-from fedshift import load_scenario
-from fedshift.config import EvalConfig
-from fedshift.errors import ScenarioError
-from fedshift.evaluation import auroc, check_scenario, evaluate_routed, fpr95, max_logit_branches, votes
-from fedshift.models import ModelOutput
 from fedshift.strategies.base import StrategyParams
 from fedshift.strategies.fedavg import FedAvg
 from fedshift.strategies.multibranch import LabelSmoothingParams
 from fedshift.strategies.oracle import Oracle
-from test_fedtkm import identity_net, setup_for  # the in-process harness of the FedTKM tests
+from sklearn.metrics import roc_auc_score
+from test_fedtkm import (  # the in-process harness of the FedTKM tests
+    identity_net,
+    setup_for,
+)
+from torch import nn
+
+from fedshift import load_scenario
+from fedshift.core.errors import ScenarioError
+from fedshift.evaluation import auroc, evaluate_routed, fpr95, max_logit_branches, votes
+from fedshift.nets.models import ModelOutput
+from fedshift.scenario import check_evaluation as check_scenario
+from fedshift.schema import EvalConfig
 
 
 class Logits(nn.Module):

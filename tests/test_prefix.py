@@ -5,18 +5,19 @@ import math
 
 import pytest
 import torch
+from fedshift.clients import CLIENT_STRATEGIES, ClientData, TrainContext, TrainTask
+from fedshift.clients.peft import peft_parameter_names
+from fedshift.clients.prefix import Prefix, prefix_parameter_names
+from fedshift.strategies.base import ClientInstruction
 from torch import nn
 
 from fedshift import load_scenario
-from fedshift.clients import CLIENT_STRATEGIES, ClientData, TrainContext, TrainTask
-from fedshift.clients.peft import peft_parameter_names, trunk_blocks
-from fedshift.clients.prefix import Prefix, prefix_parameter_names
-from fedshift.config import ClientConfig
-from fedshift.errors import ScenarioError
-from fedshift.models import ARCHITECTURES
-from fedshift.simulation.world import World
-from fedshift.strategies.base import ClientInstruction
-from fedshift.vit import SelfAttention, attention_layers
+from fedshift.core.errors import ScenarioError
+from fedshift.core.tensors import trunk_blocks
+from fedshift.nets.models import ARCHITECTURES
+from fedshift.nets.vit import SelfAttention, attention_layers
+from fedshift.runtime.worker import World
+from fedshift.schema import ClientConfig
 
 SHAPE = (1, 8, 8)
 

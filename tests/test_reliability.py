@@ -14,12 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedshift import load_scenario, run_scenario
-from fedshift.config import FaultsConfig, apply_overrides, read_scenario_source, validate_scenario
-from fedshift.errors import ScenarioError
-from fedshift.faults import act_after, draw_fault
-from fedshift.recording import Callback
+from fedshift.core.errors import ScenarioError
+from fedshift.runtime.callbacks import Callback
+from fedshift.runtime.faults import act_after, draw_fault
+from fedshift.runtime.loop import CHECKPOINT, Interrupted, Simulation, stop_on_signals
+from fedshift.runtime.runner import run
+from fedshift.scenario import apply_overrides, read_scenario_source, validate_scenario
+from fedshift.schema import FaultsConfig
 from fedshift.shift import LinearSchedule, ModeSampler
-from fedshift.simulation.engine import CHECKPOINT, Interrupted, Simulation, _stop_on_signals
 
 FAST = ["output.tensorboard=false", "output.save_model=false"]
 
@@ -102,11 +104,11 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     sim = Simulation(load_scenario("default", over), out=tmp_path / "cut")
     sim.callbacks.append(StopAt(sim, 2))
     with pytest.raises(Interrupted):
-        sim.run("inprocess")
+        run(sim, "inprocess")
     assert len(pd.read_csv(tmp_path / "cut" / "metrics.csv")) == 3  # history kept up to the stop
     resumed = Simulation.resume(tmp_path / "cut")
     assert resumed.start_round == 3
-    resumed.run("inprocess")
+    run(resumed, "inprocess")
     a = pd.read_csv(full.out_dir / "metrics.csv").filter(regex="^(?!time/)")
     b = pd.read_csv(tmp_path / "cut" / "metrics.csv").filter(regex="^(?!time/)")
     pd.testing.assert_frame_equal(a, b)
@@ -133,7 +135,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 def test_resume_errors_are_clear(tmp_path):
     from typer.testing import CliRunner
 
-    from fedshift.cli import app
+    from fedshift.apps.cli import app
 
     r = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "no scenario.yaml" in r.output
@@ -148,7 +150,7 @@ def test_resume_errors_are_clear(tmp_path):
 def test_first_signal_asks_to_stop_second_aborts():
     stop = threading.Event()
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # Ray may have set its own
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop):
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.is_set()
         with pytest.raises(KeyboardInterrupt):
@@ -194,7 +196,7 @@ def test_fuzzed_scenarios_are_valid_or_rejected_with_a_scenario_error(edits):
 @settings(max_examples=100, deadline=None)
 @given(st.text(max_size=200))
 def test_fuzzed_yaml_text_never_escapes_as_a_traceback(text):
-    from fedshift.config import parse_yaml
+    from fedshift.scenario import parse_yaml
 
     try:
         raw = parse_yaml(text, "fuzz")
@@ -211,7 +213,7 @@ def test_hostile_files_exit_2_without_traceback(tmp_path):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
-        r = subprocess.run([sys.executable, "-m", "fedshift.cli", "validate", name], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "fedshift.apps.cli", "validate", name], capture_output=True,
                            text=True, cwd=tmp_path, env=env, timeout=120)
         assert r.returncode == 2, (name, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr, (name, r.stderr)

@@ -1,7 +1,7 @@
 """Every robustness option of the model, the client and the evaluation runs a short federation end to end
 through Flower and Ray, one run per option and one with all of them on together.
 
-All runs share one Ray runtime (``fedshift.simulation.run_many``), as in test_client_strategies_e2e.py.
+All runs share one Ray runtime (``fedshift.runtime.run_many``), as in test_client_strategies_e2e.py.
 """
 
 import math
@@ -9,7 +9,7 @@ import math
 import pytest
 
 from fedshift import load_scenario
-from fedshift.simulation import Simulation, run_many
+from fedshift.runtime import Simulation, run_many
 
 pytestmark = pytest.mark.e2e
 

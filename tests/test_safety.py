@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from fedshift import load_scenario
-from fedshift.checkpoint_io import load_checkpoint, save_checkpoint, to_safe
-from fedshift.config import read_scenario_source, validate_scenario
-from fedshift.errors import FedshiftError, ScenarioError
-from fedshift.registry import split_plugin_path
+from fedshift.core.checkpoint_io import load_checkpoint, save_checkpoint, to_safe
+from fedshift.core.errors import FedshiftError, ScenarioError
+from fedshift.core.registry import split_plugin_path
+from fedshift.scenario import read_scenario_source, validate_scenario
 
 FAST = ["output.tensorboard=false", "output.save_model=false"]
 
@@ -23,7 +23,7 @@ FAST = ["output.tensorboard=false", "output.save_model=false"]
 # or plugin paths that import but name no component class
 BAD_NAMES = ["../x", ".foo", "..bar", ".x", "a..b:C", ":C", "x:", "a:b:c", "a/b:C", "pkg.mod:", "pkg.mod.", "\\x",
              " os:path", "os:path ", "", "0pkg:X", "class:X", "pkg:C.D", "x\x00:y", "é..ü:C", "os:system",
-             "builtins:eval", "os:path", "json:dumps", "os.path", "fedshift.config:Scenario",
+             "builtins:eval", "os:path", "json:dumps", "os.path", "fedshift.schema:Scenario",
              "no_such_pkg_fs15.mod:Thing"]
 
 # (override prefix, how the value is written, the key path of the problem)
@@ -168,7 +168,7 @@ def test_the_payload_does_run_under_plain_unpickling(tmp_path):
 
 @pytest.mark.parametrize("how", ["torch.save", "pickle", "pickle-protocol-0", "inside-a-real-checkpoint"])
 def test_a_malicious_checkpoint_is_refused_and_never_runs(tmp_path, how):
-    from fedshift.simulation.engine import CHECKPOINT, Simulation
+    from fedshift.runtime.loop import CHECKPOINT, Simulation
 
     marker = tmp_path / "marker"
     sim = Simulation(load_scenario("default", ["rounds=2", *FAST]), out=tmp_path / "run")
@@ -195,8 +195,8 @@ def test_a_malicious_checkpoint_is_refused_and_never_runs(tmp_path, how):
 def test_a_malicious_checkpoint_exits_2_from_the_cli(tmp_path):
     from typer.testing import CliRunner
 
-    from fedshift.cli import app
-    from fedshift.simulation.engine import CHECKPOINT, Simulation
+    from fedshift.apps.cli import app
+    from fedshift.runtime.loop import CHECKPOINT, Simulation
 
     marker = tmp_path / "marker"
     Simulation(load_scenario("default", ["rounds=2", *FAST]), out=tmp_path / "run")
@@ -234,7 +234,8 @@ def test_to_safe_leaves_only_what_weights_only_loads(tmp_path):
 
 def _strategy_worlds():
     from fedshift.strategies import STRATEGIES
-    from fedshift.simulation.world import World
+
+    from fedshift.runtime.worker import World
 
     for name, cls in STRATEGIES:
         over = [f"strategy.name={name}"]
@@ -303,7 +304,7 @@ def test_every_strategy_state_round_trips_through_weights_only(tmp_path, name, b
 
 
 def test_a_whole_checkpoint_round_trips_and_older_numpy_checkpoints_still_load(tmp_path):
-    from fedshift.simulation.engine import CHECKPOINT, Simulation
+    from fedshift.runtime.loop import CHECKPOINT, Simulation
 
     over = ["rounds=3", *FAST, "strategy.name=fedtkm"]
     sim = Simulation(load_scenario("default", over), out=tmp_path / "run")

@@ -12,11 +12,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-from pydantic import ValidationError
-
-from fedshift.config import load_scenario
 from fedshift.strategies.base import ServerOptimizerConfig
 from fedshift.strategies.server_optimizer import ServerOptimizer
+from pydantic import ValidationError
+
+from fedshift.scenario import load_scenario
 
 LR, B1, B2, EPS = 0.1, 0.9, 0.999, 1e-4
 W0 = np.array([0.5, -1.0, 2.0])

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 
-from fedshift.errors import ScenarioError
-from fedshift.shift import (BlockSchedule, ConstantSchedule, CosineSchedule, LinearSchedule, ModeSampler,
-                            TraceSchedule)
+from fedshift.core.errors import ScenarioError
+from fedshift.shift import BlockSchedule, ConstantSchedule, CosineSchedule, LinearSchedule, ModeSampler, TraceSchedule
 
 T = 16
 

@@ -19,12 +19,20 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from fedshift.clients.base import Batch, ClientData, TrainContext, TrainTask  # noqa: E402
 from fedshift.clients.erm import ERM  # noqa: E402
-from fedshift.config import ClientConfig, load_scenario  # noqa: E402
+
+from fedshift.build import build_model  # noqa: E402
+from fedshift.core.errors import DatasetUnavailable  # noqa: E402
 from fedshift.data import DATASETS, build_federation  # noqa: E402
-from fedshift.data.stackoverflow import SpecialTokens, encode, most_frequent, read_vocabulary  # noqa: E402
-from fedshift.errors import DatasetUnavailable  # noqa: E402
-from fedshift.lm import NextWordLSTM, token_accuracy, token_counts  # noqa: E402
-from fedshift.models import ARCHITECTURES, build_model  # noqa: E402
+from fedshift.data.stackoverflow import (  # noqa: E402
+    SpecialTokens,
+    encode,
+    most_frequent,
+    read_vocabulary,
+)
+from fedshift.nets.lm import NextWordLSTM, token_accuracy, token_counts  # noqa: E402
+from fedshift.nets.models import ARCHITECTURES
+from fedshift.scenario import load_scenario  # noqa: E402
+from fedshift.schema import ClientConfig
 
 L = 5  # sequence length of the tiny files
 # train split: (user, type, sentence). Word counts over every post: use 7, how 3, list 3, json 2, loads 2, sort 2,

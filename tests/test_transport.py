@@ -1,9 +1,8 @@
 import torch
+from fedshift.strategies.base import ClientInstruction
 from flwr.app import RecordDict
 
-from fedshift.simulation.flower.transport import (add_error, add_reply, pack_instructions, unpack_instructions,
-                                           unpack_reply)
-from fedshift.strategies.base import ClientInstruction
+from fedshift.runtime.flower.transport import add_error, add_reply, pack_instructions, unpack_instructions, unpack_reply
 
 
 def test_pack_round_trip_sends_shared_tensors_once():
@@ -22,6 +21,29 @@ def test_pack_round_trip_sends_shared_tensors_once():
     assert pack.tasks[1].instruction.config == {"branch": 0, "tag": "x"}
     assert pack.tasks[0].state["count"] == 3 and torch.equal(pack.tasks[0].state["ema"], torch.zeros(2))
     assert pack.tasks[1].state == {} and torch.equal(pack.broadcast["moments"], torch.ones(4))
+
+
+def test_model_arrays_and_algorithm_arrays_travel_apart():
+    centers = torch.randn(2, 4)
+    weights = torch.ones(3)
+    ins = [ClientInstruction(1, {"w": weights}, {}, {"centers": centers}), ClientInstruction(2, {"w": weights})]
+    content = pack_instructions(ins, [{}, {}], 0, "name: s", {})
+    assert len(content.array_records["arrays"]) == 2  # w once, centers once
+    first, second = (t.instruction for t in unpack_instructions(content).tasks)
+    assert list(first.arrays) == ["w"] and list(first.extra) == ["centers"]
+    assert torch.equal(first.extra["centers"], centers) and second.extra == {} and list(second.arrays) == ["w"]
+
+
+def test_a_worker_refuses_non_parameters_among_the_model_arrays():
+    import pytest
+
+    from fedshift.runtime.worker import World
+    from fedshift.scenario import load_scenario
+
+    world = World.build(load_scenario("default", ["data.clients_per_mode=10", "output.tensorboard=false"]))
+    arrays = {k: v.clone() for k, v in world.model.state_dict().items()} | {"fedtkm.centers": torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match=r"\['fedtkm.centers'\] are not parameters of the model.*extra"):
+        world.run_client(ClientInstruction(0, arrays), 0, {})
 
 
 def test_reply_round_trip_with_a_failed_client():

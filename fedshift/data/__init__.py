@@ -1,7 +1,9 @@
 """Datasets, modes and partitions."""
 
-from . import hf  # noqa: F401  (registers the hub datasets: emnist, cifar10, cifar100)
-from . import stackoverflow  # noqa: F401  (registers stackoverflow)
+from . import (
+    hf,  # noqa: F401  (registers the hub datasets: emnist, cifar10, cifar100)
+    stackoverflow,  # noqa: F401  (registers stackoverflow)
+)
 from .federation import Federation, build_federation
 from .sources import DATASETS, DatasetSource, SourceData
 

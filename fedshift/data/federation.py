@@ -11,10 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import ModeConfig, Scenario, TransformSpec
-from ..errors import ScenarioError
+from fedshift.core.errors import ScenarioError
+from fedshift.core.tensors import UNLABELLED
+from fedshift.schema import ModeConfig, Scenario, TransformSpec
+
+from ..core.seeding import DataStream, Stream, rng_of
 from .partition import dirichlet_partition, iid_partition, natural_partition
-from .sources import DATA_STREAM, DATASETS, SourceData
+from .sources import DATASETS, SourceData
 
 
 @dataclass
@@ -90,12 +93,11 @@ def build_mode(name: str, mode: ModeConfig, source: SourceData, max_test: int | 
     tr_x, tr_y, tr_g = select(source.train_x, source.train_y, source.train_groups)
     te_x, te_y, _ = select(source.test_x, source.test_y)
     if max_test is not None and len(te_y) > max_test:
-        keep = np.sort(np.random.default_rng([seed, DATA_STREAM, 100 + k]).choice(len(te_y), max_test, replace=False))
+        keep = np.sort(rng_of(seed, Stream.DATA, DataStream.TEST_CAP + k).choice(len(te_y), max_test, replace=False))
         te_x, te_y = te_x[keep], te_y[keep]
     return ModeData(name, tr_x, tr_y, te_x, te_y, tr_g)
 
 
-UNLABELLED = -1  # the label of an example whose label is hidden (data.unlabelled)
 
 
 def mix_clients(holdings: list[list[np.ndarray]], share: float, rng: np.random.Generator) -> list[list[np.ndarray]]:
@@ -166,7 +168,7 @@ def build_federation(scenario: Scenario, training_examples: bool = True) -> Fede
     part = scenario.data.partition
     for k, (name, mode) in enumerate(zip(scenario.mode_names, modes)):
         n_clients = scenario.clients_of_mode(name)
-        rng = np.random.default_rng([scenario.seed, DATA_STREAM, 200 + k])
+        rng = rng_of(scenario.seed, Stream.DATA, DataStream.PARTITION + k)
         if len(mode.train_y) < n_clients * part.min_examples:
             raise ScenarioError([(f"modes.{name}", f"has {len(mode.train_y)} training examples, too few for "
                                   f"{n_clients} clients of at least {part.min_examples} examples each")])
@@ -187,7 +189,7 @@ def build_federation(scenario: Scenario, training_examples: bool = True) -> Fede
     # (mode, index) pairs of each client; mixing moves a share of them to clients of other modes
     holdings = [[np.stack([np.full(len(idx), k), idx], axis=1) for idx in parts] for k, parts in enumerate(parts_of_mode)]
     if scenario.data.mix > 0:
-        holdings = mix_clients(holdings, scenario.data.mix, np.random.default_rng([scenario.seed, DATA_STREAM, 300]))
+        holdings = mix_clients(holdings, scenario.data.mix, rng_of(scenario.seed, Stream.DATA, DataStream.MIX))
     # one array per split, client by client, each client's examples ordered by mode; filled in place (no
     # per-client copies to concatenate: at paper scale, EMNIST, each copy of the images is 2.3 GB)
     sizes = [len(held) for clients in holdings for held in clients]
@@ -210,7 +212,7 @@ def build_federation(scenario: Scenario, training_examples: bool = True) -> Fede
                 at += len(idx)
     if scenario.data.unlabelled > 0 and training_examples:
         train_y = hide_labels(train_y, np.concatenate([[0], np.cumsum(sizes)]), scenario.data.unlabelled,
-                              np.random.default_rng([scenario.seed, DATA_STREAM, 400]))
+                              rng_of(scenario.seed, Stream.DATA, DataStream.HIDE_LABELS))
 
     return Federation(
         mode_names=scenario.mode_names,

@@ -30,13 +30,13 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from ..config import ComponentParams
-from ..errors import DatasetUnavailable
-from .sources import DATA_STREAM, DATASETS, DatasetSource, SourceData, split_train_test
+from fedshift.core.errors import DatasetUnavailable
+from fedshift.core.params import ComponentParams
+
+from ..core.seeding import DataStream, Stream, rng_of
+from .sources import DATASETS, DatasetSource, SourceData, split_train_test
 
 INSTALL_HINT = "pip install 'fedshift[datasets]'"
-SUBSET_STREAM = 10  # sub-streams of DATA_STREAM used here: the max_examples draw and the EMNIST test hold-out
-HOLDOUT_STREAM = 11
 
 
 
@@ -44,7 +44,7 @@ def whole_groups_under_cap(groups: np.ndarray, cap: int, seed: int) -> np.ndarra
     """Rows of whole groups (writers, users), drawn in a seeded random order until ``cap`` rows are reached
     (at least one group), so a capped dataset keeps natural clients intact."""
     sizes = np.bincount(groups)
-    order = np.random.default_rng([seed, DATA_STREAM, SUBSET_STREAM]).permutation(len(sizes))
+    order = rng_of(seed, Stream.DATA, DataStream.SUBSET).permutation(len(sizes))
     kept = order[: max(1, int(np.searchsorted(np.cumsum(sizes[order]), cap, side="right")))]
     return np.flatnonzero(np.isin(groups, kept))
 
@@ -175,7 +175,7 @@ class HubImageSource(DatasetSource):
         cap = self.params.max_examples
         if cap is None or cap >= table.num_rows:
             return None
-        rng = np.random.default_rng([seed, DATA_STREAM, SUBSET_STREAM])
+        rng = rng_of(seed, Stream.DATA, DataStream.SUBSET)
         return np.sort(rng.choice(table.num_rows, size=cap, replace=False))
 
     def decode(self, table: Any) -> np.ndarray:
@@ -235,7 +235,7 @@ def writer_holdout(groups: np.ndarray, test_fraction: float, rng: np.random.Gene
     return mask
 
 
-@DATASETS.register("emnist")
+@DATASETS.register
 class EMNIST(HubImageSource):
     """EMNIST, 62 classes, as FEMNIST (hub ``flwrlabs/femnist``): handwriting by 3,597 writers, one client each.
 
@@ -283,7 +283,7 @@ class EMNIST(HubImageSource):
         if "test" in tables:
             test = tables["test"]
             return SourceData(to_unit(pixels), y, to_unit(self.decode(test)), self.labels(test), groups)
-        test_mask = writer_holdout(groups, test_fraction, np.random.default_rng([seed, DATA_STREAM, HOLDOUT_STREAM]))
+        test_mask = writer_holdout(groups, test_fraction, rng_of(seed, Stream.DATA, DataStream.HOLDOUT))
         return SourceData(to_unit(pixels[~test_mask]), y[~test_mask], to_unit(pixels[test_mask]), y[test_mask],
                           groups[~test_mask])
 
@@ -342,7 +342,7 @@ class CIFAR(HubImageSource):
         return SourceData(x, y, self.preprocess(self.decode(test)), self.labels(test))
 
 
-@DATASETS.register("cifar10")
+@DATASETS.register
 class CIFAR10(CIFAR):
     """CIFAR-10 (hub ``uoft-cs/cifar10``, label column ``label``, 10 classes); the paper's day mode.
 
@@ -359,7 +359,7 @@ class CIFAR10(CIFAR):
     label_column = "label"
 
 
-@DATASETS.register("cifar100")
+@DATASETS.register
 class CIFAR100(CIFAR):
     """CIFAR-100 with its 100 fine labels (hub ``uoft-cs/cifar100``, column ``fine_label``); the paper's night mode.
 

@@ -14,12 +14,13 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
-from ..config import ComponentParams
-from ..registry import Registry
+from fedshift.core.params import ComponentParams
+from fedshift.core.registry import Registry
+
+from ..core.seeding import DataStream, Stream, rng_of
 
 DATASETS: Registry[type[DatasetSource]] = Registry("dataset")
 
-DATA_STREAM = 2  # random stream of the scenario seed used for splits and partitions
 
 
 @dataclass
@@ -53,7 +54,7 @@ class DatasetSource:
 
 def split_train_test(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, groups: np.ndarray | None = None) -> SourceData:
     """A stratified train/test split (each class keeps the test fraction), seeded."""
-    rng = np.random.default_rng([seed, DATA_STREAM, 0])
+    rng = rng_of(seed, Stream.DATA, DataStream.SPLIT)
     test_idx = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
@@ -65,7 +66,7 @@ def split_train_test(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: i
                       None if groups is None else groups[~test_mask])
 
 
-@DATASETS.register("digits")
+@DATASETS.register
 class Digits(DatasetSource):
     """scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes); offline."""
 
@@ -88,7 +89,7 @@ class SyntheticParams(ComponentParams):
     writers: int = Field(0, ge=0, description="> 0 gives natural client ids (round-robin writers)")
 
 
-@DATASETS.register("synthetic")
+@DATASETS.register
 class Synthetic(DatasetSource):
     """Labelled image-shaped data of any size: a random prototype per class plus Gaussian noise."""
 
@@ -98,7 +99,7 @@ class Synthetic(DatasetSource):
 
     def load(self, seed: int, test_fraction: float) -> SourceData:
         p: SyntheticParams = self.params  # type: ignore[assignment]
-        rng = np.random.default_rng([seed, DATA_STREAM, 1])
+        rng = rng_of(seed, Stream.DATA, DataStream.SYNTHETIC)
         protos = rng.uniform(0, 1, size=(p.classes, *p.shape)).astype(np.float32)
 
         def draw(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -53,10 +53,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from ..errors import DatasetUnavailable
-from .federation import UNLABELLED
-from .hf import HOLDOUT_STREAM, HubImageSource, HubParams, whole_groups_under_cap, writer_holdout
-from .sources import DATA_STREAM, DATASETS, SourceData
+from fedshift.core.errors import DatasetUnavailable
+
+from ..core.seeding import DataStream, Stream, rng_of
+from ..core.tensors import UNLABELLED
+from .hf import HubImageSource, HubParams, whole_groups_under_cap, writer_holdout
+from .sources import DATASETS, SourceData
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ class StackOverflowParams(HubParams):
     sequence_length: int = Field(20, ge=1, description="tokens per input and per target sequence")
 
 
-@DATASETS.register("stackoverflow")
+@DATASETS.register
 class StackOverflow(HubImageSource):
     """TFF's federated Stack Overflow as next-word prediction; ``type`` picks questions (day) or answers (night).
 
@@ -232,7 +234,7 @@ class StackOverflow(HubImageSource):
             test_mask = np.zeros(len(groups), dtype=bool)
             test_text, test_keep = self.sentences(tables["test"]), self.kept(tables["test"])
         else:
-            rng = np.random.default_rng([seed, DATA_STREAM, HOLDOUT_STREAM])
+            rng = rng_of(seed, Stream.DATA, DataStream.HOLDOUT)
             test_mask = writer_holdout(groups, test_fraction, rng)
             test_text = [s for s, held in zip(text, test_mask) if held]
             test_keep = keep[test_mask]

@@ -1,0 +1,134 @@
+"""Packing fedshift's instructions and replies into Flower messages, and back.
+
+One message carries a *pack* of one or more simulated clients (``backend.clients_per_task``); one client
+per message is the pack of one, so both execution modes share this code. Arrays that several clients of a
+pack receive as the same tensor (the global model, usually) travel once.
+
+    server -> client: "arrays" ArrayRecord of unique tensors "t<j>"; "config" with fedshift.round,
+        fedshift.scenario (the resolved YAML), fedshift.cids, and per client i: "c<i>.names"/"c<i>.keys"
+        (parameter name -> tensor key) and the strategy's config as "c<i>.cfg.<key>"; "state.<i>.arrays" /
+        "state.<i>.config" (the client's store); "trainer.server" (the trainer's broadcast)
+    client -> server, per client i: "arrays.<i>", "stats.<i>", "trainer.stats.<i>" ArrayRecords,
+        "metrics.<i>" MetricRecord (with num-examples), "state.<i>.*", or "error.<i>" ConfigRecord {reason}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedshift.runtime.executors import UnpackedReply
+from fedshift.strategies.base import ClientInstruction
+
+ROUND, SCENARIO, CIDS = "fedshift.round", "fedshift.scenario", "fedshift.cids"
+
+
+def arrays_to_record(arrays: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu() for k, v in arrays.items()}) if arrays else ArrayRecord()
+
+
+def record_to_arrays(record: ArrayRecord | None) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict()) if record else {}
+
+
+def _pack_state(content: RecordDict, prefix: str, state: dict[str, Any]) -> None:
+    """A client's store: tensors as arrays, everything else as config values."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    if tensors:
+        content[f"{prefix}.arrays"] = arrays_to_record(tensors)
+    if scalars:
+        content[f"{prefix}.config"] = ConfigRecord(scalars)
+
+
+def _unpack_state(content: RecordDict, prefix: str) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    if f"{prefix}.arrays" in content.array_records:
+        state.update(record_to_arrays(content.array_records[f"{prefix}.arrays"]))
+    if f"{prefix}.config" in content.config_records:
+        state.update(dict(content.config_records[f"{prefix}.config"]))
+    return state
+
+
+def pack_instructions(instructions: list[ClientInstruction], states: list[dict[str, Any]], server_round: int,
+                      scenario_text: str, broadcast: dict[str, torch.Tensor]) -> RecordDict:
+    unique: dict[int, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    config: dict[str, Any] = {ROUND: server_round, SCENARIO: scenario_text, CIDS: [ins.cid for ins in instructions]}
+    for i, ins in enumerate(instructions):
+        for part, arrays in (("", ins.arrays), ("extra.", ins.extra)):
+            if not arrays and part:
+                continue
+            keys = []
+            for tensor in arrays.values():
+                key = unique.setdefault(id(tensor), f"t{len(unique)}")
+                tensors[key] = tensor
+                keys.append(key)
+            config[f"c{i}.{part}names"], config[f"c{i}.{part}keys"] = list(arrays), keys
+        config.update({f"c{i}.cfg.{k}": v for k, v in ins.config.items()})
+    content = RecordDict({"arrays": arrays_to_record(tensors), "config": ConfigRecord(config)})
+    for i, state in enumerate(states):
+        _pack_state(content, f"state.{i}", state)
+    if broadcast:
+        content["trainer.server"] = arrays_to_record(broadcast)
+    return content
+
+
+@dataclass
+class PackedTask:
+    """One client of a pack, as the worker sees it."""
+
+    instruction: ClientInstruction
+    state: dict[str, Any]
+
+
+@dataclass
+class Pack:
+    server_round: int
+    scenario_text: str
+    tasks: list[PackedTask]
+    broadcast: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def unpack_instructions(content: RecordDict) -> Pack:
+    cfg = dict(content.config_records["config"])
+    tensors = record_to_arrays(content.array_records.get("arrays"))
+    tasks = []
+    for i, cid in enumerate(cfg[CIDS]):
+        arrays, extra = ({n: tensors[k] for n, k in zip(cfg.get(f"c{i}.{part}names", []), cfg.get(f"c{i}.{part}keys", []))}
+                         for part in ("", "extra."))
+        prefix = f"c{i}.cfg."
+        own_cfg = {k[len(prefix):]: v for k, v in cfg.items() if k.startswith(prefix)}
+        tasks.append(PackedTask(ClientInstruction(int(cid), arrays, own_cfg, extra), _unpack_state(content, f"state.{i}")))
+    return Pack(int(cfg[ROUND]), str(cfg[SCENARIO]), tasks, record_to_arrays(content.array_records.get("trainer.server")))
+
+
+def add_reply(content: RecordDict, i: int, arrays: dict[str, torch.Tensor], stats: dict[str, torch.Tensor],
+              trainer_stats: dict[str, torch.Tensor], metrics: dict[str, float], num_examples: int,
+              state: dict[str, Any]) -> None:
+    content[f"arrays.{i}"] = arrays_to_record(arrays)
+    content[f"stats.{i}"] = arrays_to_record(stats)
+    content[f"trainer.stats.{i}"] = arrays_to_record(trainer_stats)
+    content[f"metrics.{i}"] = MetricRecord({**{k: float(v) for k, v in metrics.items()}, "num-examples": int(num_examples)})
+    _pack_state(content, f"state.{i}", state)
+
+
+def add_error(content: RecordDict, i: int, reason: str) -> None:
+    content[f"error.{i}"] = ConfigRecord({"reason": reason})
+
+
+def unpack_reply(content: RecordDict, i: int) -> UnpackedReply:
+    if f"error.{i}" in content.config_records:
+        return UnpackedReply(str(content.config_records[f"error.{i}"]["reason"]))
+    if f"metrics.{i}" not in content.metric_records:
+        return UnpackedReply("dropped out")  # the worker sent nothing for this client
+    metrics = dict(content.metric_records[f"metrics.{i}"])
+    n = int(metrics.pop("num-examples"))
+    return UnpackedReply(None, n, record_to_arrays(content.array_records.get(f"arrays.{i}")),
+                         {k: float(v) for k, v in metrics.items()},
+                         record_to_arrays(content.array_records.get(f"stats.{i}")),
+                         record_to_arrays(content.array_records.get(f"trainer.stats.{i}")),
+                         _unpack_state(content, f"state.{i}"))
