@@ -173,6 +173,26 @@ def add_proximal_gradient(ctx: TrainContext) -> None:
     ctx.optimizer.register_step_pre_hook(pre_step)
 
 
+def mixed_clients_problems(method: str, scenario: Scenario) -> list[tuple[str, str]]:
+    """Scenario-time check of methods that need several domains (modes) inside every client (D1)."""
+    if scenario.data.mix > 0:
+        return []
+    return [("data.mix", f"is 0, so every client holds one mode, but client strategy {method!r} needs several "
+                         "domains per client (its domains are the modes of the client's examples); set data.mix > 0, "
+                         "e.g. data.mix: 0.3")]
+
+
+def require_several_domains(method: str, ctx: TrainContext) -> list[int]:
+    """The client's domains; a clear error when it holds only one (a client too small to receive examples of
+    other modes under ``data.mix``)."""
+    domains = ctx.data.domains
+    if len(domains) < 2:
+        raise ValueError(f"client strategy {method!r}: client {ctx.cid} holds examples of mode {domains} only, but "
+                         f"{method} needs several domains per client; raise data.mix (e.g. data.mix: 0.3) so that "
+                         "every client receives examples of other modes")
+    return domains
+
+
 class ClientTrainer:
     """Base class of client training strategies. Subclass, set ``name`` (and ``Params`` for
     hyperparameters), register with ``@CLIENT_STRATEGIES.register``, implement ``loss`` (the default ``update``
@@ -180,6 +200,9 @@ class ClientTrainer:
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[ComponentParams]] = ComponentParams
+    # a domain method (DANN, Fish, GradVac, ...): its domains are the modes inside one client, so it needs
+    # data.mix > 0 (checked when the scenario is loaded) and a client holding several modes (checked in train)
+    needs_mixed_clients: ClassVar[bool] = False
 
     def __init__(self, params: ComponentParams, settings: ClientConfig):
         self.params = params
@@ -193,6 +216,8 @@ class ClientTrainer:
 
     def train(self, ctx: TrainContext) -> dict[str, float]:
         """Local training for one round: ``update`` on every batch of every local epoch."""
+        if self.needs_mixed_clients:
+            require_several_domains(self.name, ctx)
         self.train_mode(ctx)
         ctx.optimizer = ctx.make_optimizer()
         if ctx.task.proximal_mu > 0 and ctx.task.anchor:

@@ -9,8 +9,7 @@ from torch import nn
 
 from fedshift.core.params import ComponentParams
 
-from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
-from .utils import mixed_clients_problems, require_several_domains
+from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext, require_several_domains
 
 STATE_PREFIX = "dann.discriminator."
 
@@ -64,11 +63,8 @@ class DANN(ClientTrainer):
     """
 
     name = "dann"
+    needs_mixed_clients = True
     Params = DANNParams
-
-    @classmethod
-    def check_scenario(cls, params, scenario):
-        return mixed_clients_problems(cls.name, scenario)
 
     def train(self, ctx: TrainContext) -> dict[str, float]:
         domains = require_several_domains(self.name, ctx)

@@ -8,7 +8,6 @@ from pydantic import Field
 from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
-from .utils import mixed_clients_problems, require_several_domains
 
 
 class FishParams(ComponentParams):
@@ -36,15 +35,8 @@ class Fish(ClientTrainer):
     """
 
     name = "fish"
+    needs_mixed_clients = True
     Params = FishParams
-
-    @classmethod
-    def check_scenario(cls, params, scenario):
-        return mixed_clients_problems(cls.name, scenario)
-
-    def train(self, ctx: TrainContext) -> dict[str, float]:
-        require_several_domains(self.name, ctx)
-        return super().train(ctx)
 
     def update(self, batch: Batch, ctx: TrainContext):
         params = [p for group in ctx.optimizer.param_groups for p in group["params"]]

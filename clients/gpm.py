@@ -10,6 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from fedshift.core.params import ComponentParams
+from fedshift.core.tensors import eval_mode
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 
@@ -47,15 +48,12 @@ def representation(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]
             rows = layer_input_rows(m, inputs[0]).double()
             out[name] = rows.T @ rows
         hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model):
             model(x)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return out
 
 

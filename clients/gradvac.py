@@ -9,8 +9,8 @@ from pydantic import Field
 
 from fedshift.core.params import ComponentParams
 
-from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
-from .utils import mixed_clients_problems, per_domain_loss, require_several_domains
+from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext, require_several_domains
+from .utils import per_domain_loss
 
 
 def vaccinate(grads: torch.Tensor, group: torch.Tensor, phi: torch.Tensor, beta: float, present: torch.Tensor,
@@ -85,11 +85,8 @@ class GradVac(ClientTrainer):
     """
 
     name = "gradvac"
+    needs_mixed_clients = True
     Params = GradVacParams
-
-    @classmethod
-    def check_scenario(cls, params, scenario):
-        return mixed_clients_problems(cls.name, scenario)
 
     def train(self, ctx: TrainContext) -> dict[str, float]:
         domains = require_several_domains(self.name, ctx)

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from fedshift.core.params import ComponentParams
+from fedshift.core.tensors import eval_mode
 from fedshift.nets.models import MultiBranchNet
 
 from .base import CLIENT_STRATEGIES, ClientData, TrainContext
@@ -19,12 +20,9 @@ INIT, IDENTIFIER = "jtt.init.", "jtt.id."
 
 def error_set(model: MultiBranchNet, data: ClientData, branch: int, batch_size: int = 1024) -> torch.Tensor:
     """Bool mask of the labelled examples whose argmax prediction on ``branch`` is wrong (eval mode)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model):
         wrong = torch.cat([model(data.x[i:i + batch_size]).logits[:, branch].argmax(-1) != data.y[i:i + batch_size]
                            for i in range(0, len(data), batch_size)])
-    model.train(was_training)
     return wrong & (data.y >= 0)
 
 

@@ -10,7 +10,6 @@ from .base import Batch, TrainContext
 
 if TYPE_CHECKING:
     from fedshift.nets.models import ModelOutput
-    from fedshift.schema import Scenario
 
 
 def require_input_shape(model, strategy: str, purpose: str) -> None:
@@ -42,23 +41,3 @@ def per_domain_loss(ctx: TrainContext, output: ModelOutput, batch: Batch,
     mask = domain_masks(batch, domains) & (batch.y >= 0)[None, :]
     counts = mask.sum(1)
     return (per_example[None, :] * mask).sum(1) / counts.clamp(min=1), counts
-
-
-def mixed_clients_problems(method: str, scenario: Scenario) -> list[tuple[str, str]]:
-    """Scenario-time check of methods that need several domains (modes) inside every client (D1)."""
-    if scenario.data.mix > 0:
-        return []
-    return [("data.mix", f"is 0, so every client holds one mode, but client strategy {method!r} needs several "
-                         "domains per client (its domains are the modes of the client's examples); set data.mix > 0, "
-                         "e.g. data.mix: 0.3")]
-
-
-def require_several_domains(method: str, ctx: TrainContext) -> list[int]:
-    """The client's domains; a clear error when it holds only one (a client too small to receive examples of
-    other modes under ``data.mix``)."""
-    domains = ctx.data.domains
-    if len(domains) < 2:
-        raise ValueError(f"client strategy {method!r}: client {ctx.cid} holds examples of mode {domains} only, but "
-                         f"{method} needs several domains per client; raise data.mix (e.g. data.mix: 0.3) so that "
-                         "every client receives examples of other modes")
-    return domains

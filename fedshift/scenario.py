@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from fedshift.clients import CLIENT_STRATEGIES, ClientTrainer
+from fedshift.clients.base import mixed_clients_problems
 from fedshift.strategies import STRATEGIES, ServerStrategy
 
 from .adapt import ADAPTATIONS, TestTimeAdaptation
@@ -386,6 +387,8 @@ def resolve_components(s: Scenario, base_dir: Path | None) -> list[tuple[str, st
         if values is not None:
             s.client = type(s.client)(**base, **values)
             problems.extend(trainer.check_scenario(trainer.Params.model_validate(values), s))
+            if trainer.needs_mixed_clients:
+                problems.extend(mixed_clients_problems(trainer.name, s))
 
     if s.model.pretrained:
         path = Path(s.model.pretrained)

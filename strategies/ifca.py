@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from fedshift.clients.base import ClientData, TrainTask
 from pydantic import Field
 
-from fedshift.core.tensors import UNLABELLED
+from fedshift.core.tensors import UNLABELLED, eval_mode
 from fedshift.evaluation import Routing
 from fedshift.nets.models import ModelOutput, MultiBranchNet
 
@@ -52,15 +52,12 @@ def head_losses(output: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
     return losses.reshape(losses.shape[0], losses.shape[1], -1).sum(2)
 
 
-@torch.no_grad()
 def local_head_losses(model: MultiBranchNet, data: ClientData, batch_size: int = 1024) -> torch.Tensor:
     """Mean loss of every head over the client's labelled examples (or tokens), [K]."""
-    was_training = model.training
-    model.eval()
     total = torch.zeros(model.num_branches, device=data.x.device)
-    for i in range(0, len(data), batch_size):
-        total += head_losses(model(data.x[i:i + batch_size]), data.y[i:i + batch_size]).sum(0)
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(data), batch_size):
+            total += head_losses(model(data.x[i:i + batch_size]), data.y[i:i + batch_size]).sum(0)
     return total / max(int((data.y != UNLABELLED).sum()), 1)
 
 

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from fedshift.core.errors import ScenarioError
 from fedshift.core.seeding import Stream, seed_of
-from fedshift.core.tensors import UNLABELLED
+from fedshift.core.tensors import UNLABELLED, eval_mode
 from fedshift.nets.models import ModelOutput, MultiBranchNet
 from fedshift.shift import SCHEDULES, ModeSchedule
 
@@ -168,14 +168,10 @@ def center_metrics(centers: torch.Tensor, scales: np.ndarray, shares: np.ndarray
 # ------------------------------------------------------------------------------------------ client side
 
 
-@torch.no_grad()
 def local_features(model: MultiBranchNet, data: ClientData, batch_size: int = 1024) -> torch.Tensor:
     """The clustering feature of every local example (eval mode: no dropout), [N, D]."""
-    was_training = model.training
-    model.eval()
-    feats = torch.cat([model.features(data.x[i:i + batch_size]) for i in range(0, len(data), batch_size)])
-    model.train(was_training)
-    return feats
+    with eval_mode(model):
+        return torch.cat([model.features(data.x[i:i + batch_size]) for i in range(0, len(data), batch_size)])
 
 
 def scaled_distances(features: torch.Tensor, centers: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
