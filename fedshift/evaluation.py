@@ -122,6 +122,12 @@ OOD_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "msp": lambda logits: per_example(logits.softmax(2).amax(2)),
     "maxlogit": lambda logits: per_example(logits.amax(2)),
 }
+# what ``fedshift list`` says of the evaluation options (the schema's eval.ood and eval.select take these names)
+OOD_SCORE_DOCS = {"msp": "each branch's maximum softmax probability (Hendrycks & Gimpel, ICLR 2017)",
+                  "maxlogit": "each branch's maximum logit (Hendrycks et al., ICML 2022)"}
+BRANCH_SELECTORS = {"strategy": "the server strategy's own rule (FedTKM: nearest scaled center; IFCA: most "
+                                "confident head; one-branch strategies: branch 0)",
+                    "maxlogit": "every example takes the branch with the largest max logit"}
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:

@@ -32,6 +32,22 @@ def test_list_is_generated_from_the_registries():
     for word in ["scenarios", "default", "schedules", "linear", "block", "trace", "datasets", "digits", "synthetic",
                  "models", "mlp", "resnet18_gn", "strategies", "fedavg", "client strategies", "erm"]:
         assert word in r.stdout
+    # every registered name, and the evaluation options the schema accepts
+    import typing
+
+    from fedshift.evaluation import BRANCH_SELECTORS, OOD_SCORE_DOCS, OOD_SCORES
+    from fedshift.scenario import registries
+    from fedshift.schema import EvalConfig
+
+    for registry in registries().values():
+        for name in registry.names():
+            assert f"  {name} " in r.stdout, name
+    ood = set(typing.get_args(typing.get_args(EvalConfig.model_fields["ood"].annotation)[0]))
+    select = set(typing.get_args(EvalConfig.model_fields["select"].annotation))
+    assert ood == set(OOD_SCORES) == set(OOD_SCORE_DOCS) and select == set(BRANCH_SELECTORS)
+    assert "OOD scores (eval.ood)" in r.stdout and "branch selectors (eval.select)" in r.stdout
+    for name in [*ood, *select]:
+        assert f"  {name} " in r.stdout, name
 
 
 def test_run_with_bad_input_exits_2_without_a_run_directory(tmp_path):

@@ -58,9 +58,9 @@ def test_fedavg_learns_and_swings_with_q(default_run):
 
 
 def test_same_seed_same_metrics_whatever_the_execution(tmp_path):
-    """Identical metrics with 2 or 4 client processes, one client per task or packs of three."""
+    """Identical metrics in process and on 4 Ray client processes playing packs of three clients."""
     base = ["rounds=4", "output.tensorboard=false", "output.save_model=false"]
-    a = run_scenario(load_scenario("default", [*base, "backend.num_cpus=1"]), out=tmp_path / "a")
+    a = run_scenario(load_scenario("default", [*base, "backend.num_cpus=1"]), out=tmp_path / "a", executor="inprocess")
     b = run_scenario(load_scenario("default", [*base, "backend.num_cpus=0.5", "backend.clients_per_task=3"]),
                      out=tmp_path / "b")
     da = pd.read_csv(a.out_dir / "metrics.csv").filter(regex=NOT_TIME)

@@ -53,11 +53,11 @@ def test_fault_shares_are_validated():
 
 
 # ------------------------------------------------------------------ faults (end to end)
-@pytest.mark.e2e
 def test_faulty_clients_are_counted_by_reason_and_the_run_completes(tmp_path):
+    # in process: tests/test_executors.py checks that Flower gives the same counts for injected faults
     s = load_scenario("default", ["rounds=4", *FAST, "faults.raise_error=0.15", "faults.nan=0.1", "faults.inf=0.1",
                                   "faults.drop=0.1", "backend.clients_per_task=2"])
-    result = run_scenario(s, out=tmp_path / "run")
+    result = run_scenario(s, out=tmp_path / "run", executor="inprocess")
     df = pd.read_csv(result.out_dir / "metrics.csv")
     assert len(df) == 4
     # the expected failures, computed independently from the same seeded draws
@@ -94,13 +94,13 @@ class StopAt(Callback):
             self.sim.request_stop()
 
 
-@pytest.mark.e2e
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     # fedtkm: centers, the prior scalar and Adam's moments must all survive the checkpoint
     over = ["rounds=5", *FAST, "output.checkpoint_every=2", "strategy.name=fedtkm",
             "strategy.server_optimizer.name=adam", "strategy.server_optimizer.lr=0.05", "faults.nan=0.1"]
-    full = run_scenario(load_scenario("default", over), out=tmp_path / "full")  # through Flower and Ray
-    # the interrupted and resumed halves in process (the executors give the same metrics): one Ray start, not 3
+    # in process (tests/test_executors.py: the executors give the same metrics; Ray's interruption path is
+    # tests/test_reliability.py's crashed worker and the signal handling below)
+    full = run_scenario(load_scenario("default", over), out=tmp_path / "full", executor="inprocess")
     sim = Simulation(load_scenario("default", over), out=tmp_path / "cut")
     sim.callbacks.append(StopAt(sim, 2))
     with pytest.raises(Interrupted):

@@ -290,10 +290,12 @@ def report(
 
 @app.command("list")
 def list_() -> None:
-    """Built-in scenarios, schedules, datasets, models, server strategies and client training strategies."""
+    """Built-in scenarios, schedules, datasets, models, server strategies, client training strategies, model
+    modules, augmentations, test-time adaptations and the evaluation options."""
     import yaml
 
     from fedshift.core.registry import first_doc_line
+    from fedshift.evaluation import BRANCH_SELECTORS, OOD_SCORE_DOCS
     from fedshift.scenario import builtin_scenarios, registries
 
     out_console.print("[bold]scenarios[/]")
@@ -304,6 +306,10 @@ def list_() -> None:
         out_console.print(f"[bold]{title}[/]")
         for name, obj in reg:
             out_console.print(f"  {name:<22} {first_doc_line(obj)}", highlight=False)
+    for title, options in (("OOD scores (eval.ood)", OOD_SCORE_DOCS), ("branch selectors (eval.select)", BRANCH_SELECTORS)):
+        out_console.print(f"[bold]{title}[/]")
+        for name, doc in options.items():
+            out_console.print(f"  {name:<22} {doc}", highlight=False)
 
 
 def main() -> None:
