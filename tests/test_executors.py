@@ -83,3 +83,17 @@ def test_an_injected_crash_fails_its_pack_in_process_without_killing_the_process
     crashed = sum(row["clients/failed/crashed"] for row in r.rows)
     assert crashed > 0 and crashed % 2 == 0  # whole packs of two
     assert all(row["clients/failed/crashed"] == row["clients/failed"] for row in r.rows)
+
+
+def test_the_clients_phase_is_split_into_serialisation_compute_and_transport(tmp_path):
+    from fedshift.runtime.executors import UnpackedReply, phase_times
+
+    replies = [UnpackedReply(None, compute_s=s) for s in (1.0, 2.0, 4.0)]
+    assert phase_times(replies, [[0, 1], [2]], 0.5) == {"time/serialise_s": 0.5, "time/client_compute_s": 7.0,
+                                                        "time/client_critical_s": 4.0}
+    assert phase_times(replies, [[0, 1, 2]], 0.0)["time/client_critical_s"] == 7.0  # one lane: in a row
+    result = run_scenario(load_scenario("default", [*BASE, "rounds=2"]), out=tmp_path / "r", executor="inprocess")
+    for row in result.rows:  # in process every client runs in a row: the critical path is the whole compute
+        assert row["time/client_critical_s"] == row["time/client_compute_s"] > 0
+        assert row["time/serialise_s"] + row["time/client_compute_s"] <= row["time/clients_s"] + 1e-9
+        assert row["time/transport_s"] >= 0

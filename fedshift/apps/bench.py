@@ -62,13 +62,21 @@ def workload_scenario(workload: str, rounds: int, extra: list[str] | None = None
 
 
 
+PHASES = ("configure", "serialise", "client_compute", "client_critical", "transport", "clients", "aggregate", "eval")
+
+
 def _result(round_times: list[float], clients_per_round: int, first_round_end_s: float,
-            mem: MemorySampler | None, driver_mb_per_round: list[float]) -> dict[str, Any]:
+            mem: MemorySampler | None, driver_mb_per_round: list[float],
+            phases: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """Start-up is the same for every implementation: the wall time from the start until the first round
-    ends, less one steady round (it holds process start, data loading, model building, first-use costs)."""
+    ends, less one steady round (it holds process start, data loading, model building, first-use costs).
+    ``phases``: each round's ``time/*`` columns (fedshift's loop only); their medians over the steady rounds."""
     steady = round_times[1:] if len(round_times) > 2 else round_times
     med = statistics.median(steady)
-    return {"s_per_round": med, "client_updates_per_s": clients_per_round / med,
+    rows = (phases[1:] if len(phases) > 2 else phases) if phases else []
+    median_phases = {p: statistics.median(r[f"time/{p}_s"] for r in rows if f"time/{p}_s" in r)
+                     for p in PHASES if any(f"time/{p}_s" in r for r in rows)}
+    return {"phases_s": median_phases,"s_per_round": med, "client_updates_per_s": clients_per_round / med,
             "startup_s": first_round_end_s - med, "rounds_timed": len(steady),
             "s_per_round_p90": float(np.percentile(steady, 90)),
             "peak_driver_mb": max(mem.driver_peak_mb if mem else 0.0, *driver_mb_per_round),
@@ -83,9 +91,11 @@ class _RoundClock(Callback):
         self.times: list[float] = []
         self.first_end = 0.0
         self.driver_mb: list[float] = []
+        self.phases: list[dict[str, float]] = []
 
     def on_round_end(self, row):
         self.times.append(row["time/round_s"])
+        self.phases.append({k: v for k, v in row.items() if k.startswith("time/")})
         self.first_end = self.first_end or time.perf_counter() - self.t0
         self.driver_mb.append(rss_mb())
 
@@ -96,7 +106,7 @@ def bench_fedshift(scenario: Scenario, out: Path) -> dict[str, Any]:
     with MemorySampler() as mem:
         clock = _RoundClock()
         run(Simulation(scenario, out, [clock]))
-    return _result(clock.times, scenario.clients_per_round, clock.first_end, mem, clock.driver_mb)
+    return _result(clock.times, scenario.clients_per_round, clock.first_end, mem, clock.driver_mb, clock.phases)
 
 
 def limit_label(processes: int, threads: int) -> str:
@@ -118,7 +128,7 @@ def bench_limit(scenario: Scenario, out: Path, executor) -> dict[str, Any]:
             close = getattr(executor, "close", None)
             if close is not None:
                 close()
-    return _result(clock.times, scenario.clients_per_round, clock.first_end, mem, clock.driver_mb)
+    return _result(clock.times, scenario.clients_per_round, clock.first_end, mem, clock.driver_mb, clock.phases)
 
 
 def bench_raw(scenario: Scenario, tmp: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], str]:
@@ -191,6 +201,16 @@ def run_bench(workload: str, rounds: int, json_path: str | None, skip: list[str]
     table.caption = "  ".join([*([f"raw = the better limit ({limit['won'].removeprefix('limit: ')})"] if limit else []),
                                *(f"{k} = {v:.2f}" for k, v in ratios.items())])
     console.print(table)
+    phased = [(name, r["phases_s"]) for name, r in rows if r.get("phases_s")]
+    if phased:
+        ptable = Table(title="where a round goes (median s over the steady rounds; time/* of metrics.csv, "
+                             "docs/outputs.md)")
+        ptable.add_column("impl", justify="right")
+        for p in PHASES:
+            ptable.add_column(p, justify="right")
+        for name, ph in phased:
+            ptable.add_row(name, *(f"{ph[p]:.4f}" if p in ph else "-" for p in PHASES))
+        console.print(ptable)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2))
     return report

@@ -46,6 +46,18 @@ class UnpackedReply:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     trainer_stats: dict[str, torch.Tensor] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    compute_s: float = 0.0  # the client's own work on its worker (run_client), seconds
+
+
+def phase_times(replies: list[UnpackedReply], lanes: list[list[int]], copy_s: float) -> dict[str, float]:
+    """Where the clients' part of a round went, as ``time/*`` columns: the server's (de)serialisation or copies
+    of what travels (``time/serialise_s``), the clients' own work summed (``time/client_compute_s``) and on the
+    critical path (``time/client_critical_s``: the largest sum over one lane, the positions one worker plays in a
+    row; lanes run in parallel). The loop adds ``time/transport_s``: ``time/clients_s`` less the other two, i.e.
+    messaging, scheduling and waiting beyond the critical path."""
+    compute = [r.compute_s for r in replies]
+    return {"time/serialise_s": copy_s, "time/client_compute_s": float(sum(compute)),
+            "time/client_critical_s": max((sum(compute[i] for i in lane) for lane in lanes), default=0.0)}
 
 
 def failure_text(exc: BaseException) -> str:
@@ -85,6 +97,8 @@ class InProcessExecutor:
     def __init__(self, threads: int | None = None):
         self.threads = threads
         self.world = None
+        self.last_timing: dict[str, float] = {}
+        self._copy_s = 0.0
 
     def start(self, sim: Simulation) -> None:
         from fedshift.runtime.worker import World
@@ -97,13 +111,18 @@ class InProcessExecutor:
         threads = self.threads or max(1, int(sim.scenario.backend.num_cpus))
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
+        self._copy_s = 0.0
+        t0 = time.perf_counter()
         broadcast = _cpu(sim.trainer_broadcast)
+        self._copy_s += time.perf_counter() - t0
         p = sim.clients_per_task
         try:
-            return [r for start in range(0, len(instructions), p)
-                    for r in self._pack(sim, server_round, instructions[start:start + p], broadcast)]
+            replies = [r for start in range(0, len(instructions), p)
+                       for r in self._pack(sim, server_round, instructions[start:start + p], broadcast)]
         finally:
             torch.set_num_threads(previous)
+        self.last_timing = phase_times(replies, [list(range(len(instructions)))], self._copy_s)  # one lane: here
+        return replies
 
     def _pack(self, sim: Simulation, server_round: int, pack: list[ClientInstruction],
               broadcast: dict[str, torch.Tensor]) -> list[UnpackedReply]:
@@ -118,8 +137,11 @@ class InProcessExecutor:
         t0 = time.perf_counter()
         replies = []
         for ins in pack:
+            t_copy = time.perf_counter()
             state = copy.deepcopy(sim.client_states.get(ins.cid, {}))
             sent = ClientInstruction(ins.cid, _cpu(ins.arrays), dict(ins.config), _cpu(ins.extra))
+            t_client = time.perf_counter()
+            self._copy_s += t_client - t_copy
             try:
                 result, trainer_stats = self.world.run_client(sent, server_round, state, broadcast)
             except DroppedOut:
@@ -128,9 +150,12 @@ class InProcessExecutor:
             except Exception as exc:  # the client fails; the run goes on (as on a worker)
                 replies.append(UnpackedReply(failure_text(exc)))
                 continue
+            compute_s = time.perf_counter() - t_client
+            t_copy = time.perf_counter()
             replies.append(UnpackedReply(None, int(result.num_examples), _cpu(result.arrays),
                                          {k: float(v) for k, v in result.metrics.items()}, _cpu(result.stats),
-                                         _cpu(trainer_stats), state))
+                                         _cpu(trainer_stats), state, compute_s))
+            self._copy_s += time.perf_counter() - t_copy
         if limit is not None and time.perf_counter() - t0 > limit:
             return [UnpackedReply("no reply") for _ in pack]
         return replies

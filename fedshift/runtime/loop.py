@@ -310,7 +310,11 @@ class Simulation:
         row["clients/failed"] = len(reasons) + nonfinite
         timing = {"time/configure_s": t_clients - t_round, "time/clients_s": t_aggregate - t_clients,
                   "time/aggregate_s": time.perf_counter() - t_aggregate}
-        return row, timing
+        phases = dict(getattr(executor, "last_timing", {}))  # what the executor measured of the clients' part
+        if phases:
+            phases["time/transport_s"] = max(0.0, timing["time/clients_s"] - phases["time/serialise_s"]
+                                             - phases["time/client_critical_s"])
+        return row, timing | phases
 
     def _reply(self, cid: int, mode: int, r: UnpackedReply, t: int) -> ClientReply:
         if r.error is not None:

@@ -31,6 +31,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import time
 import weakref
 from multiprocessing.connection import Connection, wait
 from types import SimpleNamespace
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedshift.runtime.executors import WORKER_START_S, InProcessExecutor, UnpackedReply, _cpu, failure_text
+from fedshift.runtime.executors import WORKER_START_S, InProcessExecutor, UnpackedReply, _cpu, failure_text, phase_times
 from fedshift.strategies.base import ClientInstruction
 
 if TYPE_CHECKING:
@@ -198,8 +199,10 @@ class MultiprocessExecutor:
         fed, cap = sim.world.federation, sim.scenario.client.max_examples
         weights = [sum(min(fed.client_size(instructions[i].cid), cap or float("inf")) for i in pack)
                    for pack in packs]
+        t_serialise = time.perf_counter()
         broadcast = _cpu(sim.trainer_broadcast)
         sent: dict[int, list[list[int]]] = {}  # worker -> its packs (positions in instructions)
+        serialise = 0.0
         for w, share in enumerate(balance(weights, len(self._workers))):
             if not share:
                 continue
@@ -211,11 +214,14 @@ class MultiprocessExecutor:
                        {instructions[i].cid: sim.client_states.get(instructions[i].cid, {})
                         for pack in its_packs for i in pack},
                        broadcast)
+            blob = _dumps(message)
+            serialise += time.perf_counter() - t_serialise
             try:
-                self._workers[w][1].send_bytes(_dumps(message))
+                self._workers[w][1].send_bytes(blob)
             except (OSError, ValueError):  # a worker that died since the last round
                 pass
             sent[w] = its_packs
+            t_serialise = time.perf_counter()
         out: list[UnpackedReply | None] = [None] * len(instructions)
         dead: list[int] = []
         waiting = {self._workers[w][1]: w for w in sent}
@@ -223,7 +229,10 @@ class MultiprocessExecutor:
             for conn in wait(list(waiting)):
                 w = waiting.pop(conn)
                 try:
-                    status, answer = pickle.loads(conn.recv_bytes())
+                    blob = conn.recv_bytes()
+                    t_load = time.perf_counter()
+                    status, answer = pickle.loads(blob)
+                    serialise += time.perf_counter() - t_load
                 except (EOFError, OSError):
                     dead.append(w)
                     continue
@@ -240,4 +249,7 @@ class MultiprocessExecutor:
             conn.close()
             self._workers[w] = self._launch()
             self._ready(*self._workers[w])
-        return [r if r is not None else UnpackedReply(DIED) for r in out]
+        replies = [r if r is not None else UnpackedReply(DIED) for r in out]
+        lanes = [[i for pack in its_packs for i in pack] for its_packs in sent.values()]  # one per worker process
+        self.last_timing = phase_times(replies, lanes, serialise)
+        return replies

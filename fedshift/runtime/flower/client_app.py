@@ -6,6 +6,8 @@ ClientApp defined in ``__main__`` would be re-pickled and rebuilt on every messa
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -27,6 +29,7 @@ def train(msg: Message, context: Context) -> Message:
         add_error(reply, 0, failure_text(exc))
         return Message(reply, reply_to=msg)
     for i, task in enumerate(pack.tasks):
+        t0 = time.perf_counter()
         try:
             result, trainer_stats = world.run_client(task.instruction, pack.server_round, task.state, pack.broadcast)
         except DroppedOut:  # an injected drop-out: nothing is sent for this client
@@ -34,7 +37,8 @@ def train(msg: Message, context: Context) -> Message:
         except Exception as exc:  # reported to the server, which counts the client as failed and goes on
             add_error(reply, i, failure_text(exc))
             continue
-        add_reply(reply, i, result.arrays, result.stats, trainer_stats, result.metrics, result.num_examples, task.state)
+        add_reply(reply, i, result.arrays, result.stats, trainer_stats, result.metrics, result.num_examples, task.state,
+                  compute_s=time.perf_counter() - t0)
     return Message(reply, reply_to=msg)
 
 

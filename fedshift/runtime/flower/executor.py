@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from fedshift.runtime.executors import WORKER_START_S, UnpackedReply
+from fedshift.runtime.executors import WORKER_START_S, UnpackedReply, phase_times
 from fedshift.strategies.base import ClientInstruction
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class FlowerExecutor:
     def __init__(self, grid):
         self.grid = grid
         self.nodes: list[int] = []
+        self.last_timing: dict[str, float] = {}
 
     def start(self, sim: Simulation) -> None:
         from fedshift.runtime.flower import patches
@@ -66,17 +67,24 @@ class FlowerExecutor:
         p = sim.clients_per_task
         packs: dict[int, list[int]] = {}  # node -> positions of its instructions
         messages = []
+        t0 = time.perf_counter()
         for node, start in zip(self.nodes, range(0, len(instructions), p)):
             pack = instructions[start:start + p]
             content = pack_instructions(pack, [sim.client_states.get(i.cid, {}) for i in pack], server_round,
                                         sim.scenario_text, sim.trainer_broadcast)
             messages.append(Message(content, dst_node_id=node, message_type="train"))
             packs[node] = list(range(start, start + len(pack)))
+        serialise = time.perf_counter() - t0
         out: list[UnpackedReply | None] = [None] * len(instructions)
-        for msg in self.grid.send_and_receive(messages, timeout=sim.scenario.faults.time_limit_s):
+        received = list(self.grid.send_and_receive(messages, timeout=sim.scenario.faults.time_limit_s))
+        t0 = time.perf_counter()
+        for msg in received:
             for i, pos in enumerate(packs.get(msg.metadata.src_node_id, [])):
                 if msg.has_error():
                     out[pos] = UnpackedReply(f"Flower error {msg.error.code}: {msg.error.reason}")
                 else:
                     out[pos] = unpack_reply(msg.content, i)
-        return [r if r is not None else UnpackedReply("no reply") for r in out]  # time limit, lost message
+        replies = [r if r is not None else UnpackedReply("no reply") for r in out]  # time limit, lost message
+        # each pack is taken as a lane of its own: with fewer Ray slots than packs, the queueing shows in transport
+        self.last_timing = phase_times(replies, list(packs.values()), serialise + time.perf_counter() - t0)
+        return replies

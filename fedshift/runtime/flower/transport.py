@@ -24,6 +24,7 @@ from fedshift.runtime.executors import UnpackedReply
 from fedshift.strategies.base import ClientInstruction
 
 ROUND, SCENARIO, CIDS = "fedshift.round", "fedshift.scenario", "fedshift.cids"
+COMPUTE = "fedshift.compute_s"  # metric key of a client's own compute seconds, taken out before its metrics
 
 
 def arrays_to_record(arrays: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -108,11 +109,12 @@ def unpack_instructions(content: RecordDict) -> Pack:
 
 def add_reply(content: RecordDict, i: int, arrays: dict[str, torch.Tensor], stats: dict[str, torch.Tensor],
               trainer_stats: dict[str, torch.Tensor], metrics: dict[str, float], num_examples: int,
-              state: dict[str, Any]) -> None:
+              state: dict[str, Any], compute_s: float = 0.0) -> None:
     content[f"arrays.{i}"] = arrays_to_record(arrays)
     content[f"stats.{i}"] = arrays_to_record(stats)
     content[f"trainer.stats.{i}"] = arrays_to_record(trainer_stats)
-    content[f"metrics.{i}"] = MetricRecord({**{k: float(v) for k, v in metrics.items()}, "num-examples": int(num_examples)})
+    content[f"metrics.{i}"] = MetricRecord({**{k: float(v) for k, v in metrics.items()}, "num-examples": int(num_examples),
+                                            COMPUTE: float(compute_s)})
     _pack_state(content, f"state.{i}", state)
 
 
@@ -127,8 +129,9 @@ def unpack_reply(content: RecordDict, i: int) -> UnpackedReply:
         return UnpackedReply("dropped out")  # the worker sent nothing for this client
     metrics = dict(content.metric_records[f"metrics.{i}"])
     n = int(metrics.pop("num-examples"))
+    compute_s = float(metrics.pop(COMPUTE, 0.0))
     return UnpackedReply(None, n, record_to_arrays(content.array_records.get(f"arrays.{i}")),
                          {k: float(v) for k, v in metrics.items()},
                          record_to_arrays(content.array_records.get(f"stats.{i}")),
                          record_to_arrays(content.array_records.get(f"trainer.stats.{i}")),
-                         _unpack_state(content, f"state.{i}"))
+                         _unpack_state(content, f"state.{i}"), compute_s)
