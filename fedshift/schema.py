@@ -129,6 +129,10 @@ class BackendConfig(StrictModel):
         1, description="simulated clients per Ray task (one Flower message); 'auto' packs each round into two "
                        "tasks per client slot, for large cohorts where per-message overhead dominates. "
                        "Results are identical for every value")
+    share_data: bool = Field(True, description="worker processes of one machine map one shared copy of the "
+                                               "training data (built by the first) instead of each building its own")
+    data_dir: str | None = Field(None, description="folder of that shared copy (default: the system's temporary "
+                                                   "folder); removed when the run ends")
 
 
 class OutputConfig(StrictModel):

@@ -61,3 +61,15 @@ class MemorySampler:
         self._stop.set()
         self._th.join()
         self.sample()
+
+
+def pss_mb(pid: int | str = "self") -> float:
+    """Proportional set size (MB): the process's private memory plus its share of pages mapped by several
+    processes, so that summing it over processes counts a shared copy once (Linux /proc/PID/smaps_rollup)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

@@ -221,10 +221,17 @@ class Simulation:
 
     # ------------------------------------------------------------------ running
     def serve_with(self, executor: Executor) -> RunResult:
-        """Start, the round loop over ``executor``, the result."""
-        self._start()
-        self._loop(executor)
-        return self._result()
+        """Start, the round loop over ``executor``, the result. The machine's shared copy of the training
+        data (built by the first worker, runtime/shared_data.py) is removed when the run ends, however."""
+        from fedshift.runtime.shared_data import release
+
+        try:
+            self._start()
+            self._loop(executor)
+            return self._result()
+        finally:
+            if self.scenario.backend.share_data:
+                release(self.scenario)
 
     def _start(self) -> None:
         self._t_start = time.perf_counter()

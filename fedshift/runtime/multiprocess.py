@@ -63,7 +63,7 @@ def _worker_main(conn: Connection, scenario_text: str) -> None:
 
         scenario = validate_scenario(parse_yaml(scenario_text, "scenario sent by the driver"))
         player = InProcessExecutor(threads=1)
-        player.world = World.build(scenario, on_worker=True)
+        player.world = World.build(scenario, on_worker=True, shared=scenario.backend.share_data)
         player.world.warm_up()
     except BaseException as exc:
         conn.send_bytes(_dumps(("error", failure_text(exc))))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -55,18 +56,25 @@ class World:
     augment: BatchAugmenter | None = None  # client.augment, applied to every training batch
 
     @classmethod
-    def build(cls, scenario: Scenario, on_worker: bool = True) -> World:
+    def build(cls, scenario: Scenario, on_worker: bool = True, shared: bool = False) -> World:
         """Everything one process needs. ``on_worker=False`` (the server) keeps the federation's layout,
         pools and test sets but not its training examples, which only the processes that play clients use
-        (at paper scale, EMNIST, they are 2.3 GB per process)."""
-        fed = build_federation(scenario, training_examples=on_worker)
+        (at paper scale, EMNIST, they are 2.3 GB per process). ``shared``: map the machine's one shared copy
+        of the training examples (fedshift/runtime/shared_data.py) instead of building them here."""
+        if on_worker and shared:
+            from fedshift.runtime.shared_data import shared_federation
+
+            fed = shared_federation(scenario)
+        else:
+            fed = build_federation(scenario, training_examples=on_worker)
         device = resolve_device(scenario)
         trainer = build_trainer(scenario)
         model = initial_model(scenario, fed, trainer).to(device)
         require_applicable(scenario.eval.adapt, model, scenario.model.architecture)
-        return cls(scenario, fed, model, build_strategy(scenario, fed), trainer, device,
-                   torch.from_numpy(fed.train_x).to(device), torch.from_numpy(fed.train_y).to(device),
-                   torch.from_numpy(fed.train_mode).to(device),
+        with warnings.catch_warnings():  # a shared copy is read-only; nothing here writes to it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x, y, mode = (torch.from_numpy(a).to(device) for a in (fed.train_x, fed.train_y, fed.train_mode))
+        return cls(scenario, fed, model, build_strategy(scenario, fed), trainer, device, x, y, mode,
                    build_augmenter(scenario.client.augment, fed.input_shape))
 
     def warm_up(self) -> None:
@@ -129,7 +137,7 @@ def world_for(scenario_text: str) -> World:
         _WORLDS.move_to_end(key)
         return _WORLDS[key]
     scenario = validate_scenario(parse_yaml(scenario_text, "scenario sent by the server"))
-    world = World.build(scenario)
+    world = World.build(scenario, shared=scenario.backend.share_data)
     torch.set_num_threads(max(1, int(scenario.backend.num_cpus)))
     _WORLDS[key] = world
     while len(_WORLDS) > _MAX_WORLDS:
