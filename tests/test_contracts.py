@@ -61,36 +61,16 @@ def test_a_strategy_survives_failed_and_nonfinite_clients(name, tmp_path, one_to
     assert all(0.0 <= r["eval/all/accuracy"] <= 1.0 for r in rows), name  # the model stayed finite
 
 
-# What a client strategy's own scenario check may ask for, keyed by the key path its problem names: the contract
-# run adds it and validates again. A requirement not listed here fails the test, naming the key.
-SATISFY = {"data.mix": ["data.mix=0.3"], "data.unlabelled": ["data.unlabelled=0.5"],
-           "client.strategy": ["model={architecture: vit, dim: 16, depth: 1, heads: 2, patch_size: 4}"]}
 TINY = ["rounds=2", "clients_per_round=2", "data.clients_per_mode=4", "model.hidden=[16]", "model.feature_dim=8",
         "eval.every=2", "eval.batch_size=64", "client.max_steps=2", "output.tensorboard=false",
         "output.save_model=false", "backend.device=cpu"]
 
 
-def contract_scenario(client: str, server: str):
-    """The tiny default scenario with this client strategy under this server strategy, plus whatever the client
-    strategy's own checks say it needs (SATISFY)."""
-    from fedshift.core.errors import ScenarioError
-
-    extra: list[str] = []
-    for _ in range(3):
-        try:
-            return load_scenario("default", [*TINY, *extra, f"strategy.name={server}", f"client.strategy={client}"])
-        except ScenarioError as exc:
-            keys = {key for key, _ in exc.problems}
-            unknown = keys - set(SATISFY)
-            assert not unknown, f"client strategy {client!r} needs {exc.problems}; teach SATISFY how to give it"
-            extra += [o for key in sorted(keys) for o in SATISFY[key] if o not in extra]
-    raise AssertionError(f"no scenario satisfies client strategy {client!r}")
-
-
 @pytest.mark.parametrize("server", ["fedavg", "fedtkm"])
 @pytest.mark.parametrize("client", CLIENT_STRATEGIES.names())
-def test_every_client_strategy_under_fedavg_and_fedtkm(client, server, tmp_path, one_torch_thread):
-    result = run_scenario(contract_scenario(client, server), out=tmp_path / "r", executor="inprocess")
+def test_every_client_strategy_under_fedavg_and_fedtkm(client, server, tmp_path, one_torch_thread, client_scenario):
+    result = run_scenario(client_scenario(client, [*TINY, f"strategy.name={server}"]), out=tmp_path / "r",
+                          executor="inprocess")
     rows = result.rows
     assert [r["round"] for r in rows] == [0, 1], (client, server)
     assert all(r["clients/failed"] == 0 for r in rows), (client, server)
@@ -101,8 +81,8 @@ def test_every_client_strategy_under_fedavg_and_fedtkm(client, server, tmp_path,
 def test_a_client_strategy_writes_only_its_loss_and_the_default_update_steps_on_it():
     """The default ``update`` takes one optimizer step on ``loss(batch, ctx)``: a penalty method is its loss."""
     import torch
-
     from fedshift.clients import Batch, ClientTrainer, TrainContext, TrainTask
+
     from fedshift.core.params import ComponentParams
     from fedshift.schema import ClientConfig
 

@@ -15,13 +15,11 @@ from fedshift.runtime.worker import World
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-NEEDS = {"dann": ["data.mix=0.3"], "fish": ["data.mix=0.3"], "gradvac": ["data.mix=0.3"],
-         "ema_teacher": ["data.unlabelled=0.3"], "prefix": ["model={architecture: vit}"]}
+CUDA = ["backend.device=cuda", "backend.num_gpus=0.5", "output.tensorboard=false"]
 
 
-def _one_round(overrides):
-    s = load_scenario("default", ["backend.device=cuda", "backend.num_gpus=0.5", "output.tensorboard=false",
-                                  *overrides])
+def _one_round(overrides, scenario=None):
+    s = scenario or load_scenario("default", [*CUDA, *overrides])
     world = World.build(s, on_worker=True)
     assert world.device.type == "cuda" and next(world.model.parameters()).is_cuda
     world.strategy.initialize(world.model)
@@ -35,8 +33,8 @@ def _one_round(overrides):
 
 
 @pytest.mark.parametrize("name", CLIENT_STRATEGIES.names())
-def test_client_strategy_trains_on_cuda(name):
-    _one_round([f"client.strategy={name}", *NEEDS.get(name, [])])
+def test_client_strategy_trains_on_cuda(name, client_scenario):
+    _one_round([], client_scenario(name, CUDA))  # with what the strategy's checks ask for (tests/conftest.py)
 
 
 @pytest.mark.parametrize("name", STRATEGIES.names())
