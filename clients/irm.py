@@ -10,6 +10,7 @@ from fedshift.core.params import ComponentParams
 from fedshift.nets.models import ModelOutput
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, LossFn, TrainContext
+from .utils import reset_optimizer_state
 
 
 def irmv1_terms(loss_fn: LossFn, output: ModelOutput, batch: Batch,
@@ -54,8 +55,8 @@ class IRM(ClientTrainer):
     Arjovsky et al., "Invariant Risk Minimization", arXiv 1907.02893, 2019; as DomainBed's ``IRM``.
 
     loss = mean_e R^e + lambda_t * mean_e D^e, with e the modes of the batch's examples; lambda_t = 1 for the
-    client's first ``anneal_steps`` steps and ``penalty_weight`` afterwards; the optimizer is re-created at the
-    switch (the gradient scale jumps). Environments are weighted uniformly, as in DomainBed.
+    client's first ``anneal_steps`` steps and ``penalty_weight`` afterwards; the optimizer's statistics are reset
+    at the switch (the gradient scale jumps; DomainBed re-creates Adam there). Environments are weighted uniformly, as in DomainBed.
 
     Domains: D1 on mixed clients (each mode is an environment). On single-mode clients the whole batch is the
     client's one environment (D3): IRMv1 is a sum of per-environment terms, so each client's own penalty is
@@ -74,7 +75,7 @@ class IRM(ClientTrainer):
     def loss(self, batch: Batch, ctx: TrainContext):
         steps = int(ctx.state.get("irm.steps", 0))
         if steps == self.params.anneal_steps:
-            ctx.optimizer = ctx.make_optimizer()
+            reset_optimizer_state(ctx)  # as DomainBed's new Adam; the optimizer (and FedProx's hook) stays
         weight = self.params.penalty_weight if steps >= self.params.anneal_steps else 1.0
         risk, penalty = irmv1_terms(ctx.task.loss, ctx.model(batch.x), batch, ctx.data.domains)
         ctx.state["irm.steps"] = steps + 1

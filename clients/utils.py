@@ -41,3 +41,17 @@ def per_domain_loss(ctx: TrainContext, output: ModelOutput, batch: Batch,
     mask = domain_masks(batch, domains) & (batch.y >= 0)[None, :]
     counts = mask.sum(1)
     return (per_example[None, :] * mask).sum(1) / counts.clamp(min=1), counts
+
+
+def count_step(ctx: TrainContext, key: str) -> int:
+    """This client's local steps so far under ``key`` (kept in ``ctx.state`` across rounds); counts this one."""
+    steps = int(ctx.state.get(key, 0))
+    ctx.state[key] = steps + 1
+    return steps
+
+
+def reset_optimizer_state(ctx: TrainContext) -> None:
+    """Forget the optimizer's running statistics (Adam moments, SGD momentum) at a penalty-weight switch, as
+    DomainBed re-creates Adam there. The optimizer object stays, so hooks on it (FedProx's proximal gradient)
+    keep working."""
+    ctx.optimizer.state.clear()

@@ -52,3 +52,29 @@ def client_scenario():
         raise AssertionError(f"no scenario satisfies client strategy {name!r}")
 
     return make
+
+
+# One Ray runtime for every end-to-end run of the session. Starting Ray and its actors costs about 10 s on 2 cores,
+# and Flower's run_simulation shuts Ray down at the end of each call; so a test module that runs federations through
+# Flower and Ray declares them in a module attribute ``RAY_RUNS = {name: overrides of the default scenario}``, and
+# the ``ray_outcomes`` fixture runs those of every collected module in one ``run_many`` call (the real path: Flower
+# messages to Ray actors, the ClientApp, the World built on the worker), the first time a test asks for them.
+RAY_BACKEND = ["backend.num_cpus=1", "backend.ray_num_cpus=2", "backend.device=cpu"]  # one runtime needs one backend
+
+
+@pytest.fixture(scope="session")
+def ray_outcomes(request, tmp_path_factory):
+    """{run name: RunResult or the exception it raised} for the RAY_RUNS of every collected test module."""
+    from fedshift.runtime import Simulation, run_many
+    from fedshift.scenario import load_scenario
+
+    runs: dict[str, list[str]] = {}
+    for module in {item.module for item in request.session.items if getattr(item, "module", None)}:
+        for name, overrides in getattr(module, "RAY_RUNS", {}).items():
+            assert name not in runs, f"two modules declare the Ray run {name!r}"
+            runs[name] = overrides
+    out = tmp_path_factory.mktemp("ray")
+    sims = {name: Simulation(load_scenario("default", [*overrides, *RAY_BACKEND]), out=out / name)
+            for name, overrides in runs.items()}
+    results = dict(zip(sims, run_many(list(sims.values()))))
+    return {name: (results[name], sims[name]) for name in sims}

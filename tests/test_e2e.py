@@ -14,10 +14,15 @@ pytestmark = pytest.mark.e2e
 NOT_TIME = "^(?!time/)"  # every column but the wall-clock ones (time/round_s and its phases)
 
 
+RAY_RUNS = {"e2e-default": []}  # the default scenario, in the session's one Ray runtime
+
+
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "default"
-    return run_scenario(load_scenario("default"), out=out)
+def default_run(ray_outcomes):
+    result, sim = ray_outcomes["e2e-default"]
+    assert not isinstance(result, BaseException), result
+    result.scenario = sim.scenario
+    return result
 
 
 def test_run_directory_contract(default_run):
@@ -38,7 +43,7 @@ def test_run_directory_contract(default_run):
     assert summary["final"]["eval/all/accuracy"] == pytest.approx(df["eval/all/accuracy"].iloc[-1])
     # the resolved scenario re-runs as is
     again = validate_scenario(yaml.safe_load((out / "scenario.yaml").read_text()))
-    assert again == load_scenario("default")
+    assert again == default_run.scenario
     # the saved weights load into the model
     sd = torch.load(out / "model.pt", weights_only=True)
     assert "heads.0.weight" in sd and sd["heads.0.weight"].shape == (10, 32)

@@ -8,7 +8,7 @@ from fedshift.strategies.base import ClientReply, StrategyParams
 
 from examples.fedprox_client import FedProxERM
 from examples.median_strategy import FedMedian
-from fedshift import load_scenario, run_scenario
+from fedshift import load_scenario
 from fedshift.nets.models import ARCHITECTURES
 from fedshift.schema import ClientConfig
 
@@ -41,13 +41,16 @@ def test_fedprox_with_large_mu_stays_near_the_received_weights():
     assert trained_distance(mu=1.0) < 0.5 * trained_distance(mu=0.0)
 
 
+EXAMPLES = ["rounds=3", "strategy.name=examples.median_strategy:FedMedian",
+            "client.strategy=examples.fedprox_client:FedProxERM", "client.mu=0.05", "output.tensorboard=false"]
+RAY_RUNS = {"examples-by-dotted-path": EXAMPLES}  # on Ray workers, which import the plugins themselves
+
+
 @pytest.mark.e2e
-def test_examples_run_from_a_scenario_by_dotted_path(tmp_path):
-    s = load_scenario("default", ["rounds=3", "strategy.name=examples.median_strategy:FedMedian",
-                                  "client.strategy=examples.fedprox_client:FedProxERM", "client.mu=0.05",
-                                  "output.tensorboard=false"])
-    assert s.client.params() == {"mu": 0.05}
-    result = run_scenario(s, out=tmp_path / "run")
+def test_examples_run_from_a_scenario_by_dotted_path(ray_outcomes):
+    assert load_scenario("default", EXAMPLES).client.params() == {"mu": 0.05}
+    result, _ = ray_outcomes["examples-by-dotted-path"]
+    assert not isinstance(result, BaseException), result
     df = pd.read_csv(result.out_dir / "metrics.csv")
     assert len(df) == 3 and (df["clients/failed"] == 0).all()
     assert df["train/loss"].iloc[-1] < df["train/loss"].iloc[0]

@@ -34,17 +34,15 @@ def _frame(rows) -> pd.DataFrame:
     return df[[c for c in df.columns if not c.startswith("time/")]]
 
 
-@pytest.mark.e2e
-def test_inprocess_executor_gives_flowers_metrics(tmp_path):
-    from fedshift.runtime import Simulation, run_many
+RAY_RUNS = {f"executors-{name}": [*BASE, *extra] for name, extra in CASES.items()}  # the session's Ray runtime
 
-    sims = [Simulation(load_scenario("default", [*BASE, *extra]), out=tmp_path / f"flower-{name}")
-            for name, extra in CASES.items()]
-    flower = run_many(sims)
-    for (name, extra), via_flower in zip(CASES.items(), flower):
+
+@pytest.mark.e2e
+def test_inprocess_executor_gives_flowers_metrics(tmp_path, ray_outcomes):
+    for name in CASES:
+        via_flower, sim = ray_outcomes[f"executors-{name}"]
         assert not isinstance(via_flower, BaseException), (name, via_flower)
-        in_process = run_scenario(load_scenario("default", [*BASE, *extra]), out=tmp_path / f"inproc-{name}",
-                                  executor="inprocess")
+        in_process = run_scenario(sim.scenario, out=tmp_path / f"inproc-{name}", executor="inprocess")
         a = _frame(pd.read_csv(via_flower.out_dir / "metrics.csv"))
         b = _frame(pd.read_csv(in_process.out_dir / "metrics.csv"))
         pd.testing.assert_frame_equal(a, b, check_exact=True, obj=name)

@@ -6,15 +6,12 @@ import math
 
 import pytest
 import torch
+from _harness import identity_net, setup_for  # the in-process harness of the strategy tests (tests/strategies)
 from fedshift.strategies.base import StrategyParams
 from fedshift.strategies.fedavg import FedAvg
 from fedshift.strategies.multibranch import LabelSmoothingParams
 from fedshift.strategies.oracle import Oracle
 from sklearn.metrics import roc_auc_score
-from test_fedtkm import (  # the in-process harness of the FedTKM tests
-    identity_net,
-    setup_for,
-)
 from torch import nn
 
 from fedshift import load_scenario

@@ -1,22 +1,18 @@
 """Every robustness option of the model, the client and the evaluation runs a short federation end to end
 through Flower and Ray, one run per option and one with all of them on together.
 
-All runs share one Ray runtime (``fedshift.runtime.run_many``), as in test_client_strategies_e2e.py.
+All runs share one Ray runtime with the session's other end-to-end runs (``ray_outcomes`` in tests/conftest.py).
 """
 
 import math
 
 import pytest
 
-from fedshift import load_scenario
-from fedshift.runtime import Simulation, run_many
-
 pytestmark = pytest.mark.e2e
 
 ROUNDS = 2
 BASE = [f"rounds={ROUNDS}", "clients_per_round=2", "data.clients_per_mode=4", "client.local_epochs=1",
-        "client.max_steps=2", "eval.batch_size=64", "output.tensorboard=false", "output.save_model=false",
-        "backend.num_cpus=1", "backend.ray_num_cpus=2", "backend.device=cpu"]
+        "client.max_steps=2", "eval.batch_size=64", "output.tensorboard=false", "output.save_model=false"]
 CNN = "model={architecture: cnn, channels: [8, 8], feature_dim: 16, norm: batch%s}"
 RUNS = {
     "selfnorm": [CNN % ", modules: [selfnorm]"],
@@ -38,12 +34,14 @@ RUNS = {
 }
 
 
-def test_every_robustness_option_runs_through_flower_and_ray(tmp_path):
-    sims = [Simulation(load_scenario("default", [*BASE, *extra]), out=tmp_path / name) for name, extra in RUNS.items()]
-    outcomes = dict(zip(RUNS, run_many(sims)))
-    errors = {n: repr(o) for n, o in outcomes.items() if isinstance(o, BaseException)}
+RAY_RUNS = {f"robustness-{name}": [*BASE, *extra] for name, extra in RUNS.items()}
+
+
+def test_every_robustness_option_runs_through_flower_and_ray(ray_outcomes):
+    outcomes = {name: ray_outcomes[f"robustness-{name}"] for name in RUNS}
+    errors = {n: repr(o) for n, (o, _) in outcomes.items() if isinstance(o, BaseException)}
     assert not errors, errors
-    for (name, result), sim in zip(outcomes.items(), sims):
+    for name, (result, sim) in outcomes.items():
         assert result.summary["rounds"] == ROUNDS and result.summary["clients_failed"] == 0, (name, sim.failures)
         assert all(math.isfinite(r["train/loss"]) for r in result.rows), name
         final = result.summary["final"]

@@ -1,3 +1,5 @@
+"""FedAvg: the example-weighted mean update, server SGD and Adam steps, and the loop screening failed replies."""
+
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""FedTKM and FedTEM: the reference's own check, the temporal prior, non-finite clients, planted clusters."""
+"""FedTKM: reference check, temporal prior, anchoring, local loss, failures, planted clusters (some with FedTEM)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from _harness import (
+    FAR,
+    client_job,
+    identity_net,
+    one_client_with_a_trainable_trunk,
+    planted,
+    points,
+    run_planted,
+    run_round,
+    setup_for,
+)
 from fedshift.clients.base import ClientData
-from fedshift.clients.erm import ERM
-from fedshift.strategies.base import ClientJob, ClientReply, ClientSpec, StrategySetup, screen
+from fedshift.strategies.base import ClientReply, ClientSpec
 from fedshift.strategies.fedtem import FedTEM
 from fedshift.strategies.fedtkm import FedTKM
 from fedshift.strategies.multibranch import TemporalPrior, branch_loss
@@ -17,96 +27,8 @@ from torch import nn
 
 from fedshift import load_scenario
 from fedshift.core.errors import ScenarioError
-from fedshift.core.params import ComponentParams
-from fedshift.nets.models import ModelOutput, MultiBranchNet
-from fedshift.schema import ClientConfig, EvalConfig
-from fedshift.shift import SCHEDULES, ModeSampler
-
-# ------------------------------------------------------------------------------------------ harness
-
-
-def identity_net(dim: int = 1, classes: int = 2, branches: int = 2) -> MultiBranchNet:
-    """A multi-branch net whose feature is its input: the clustering sees exactly the planted features."""
-    torch.manual_seed(0)
-    return MultiBranchNet(nn.Identity(), dim, classes, branches)
-
-
-def setup_for(period: int = 16, modes: int = 2, seed: int = 0, rounds: int = 64,
-              schedule: str = "linear", client_size: int = 4) -> StrategySetup:
-    """Test clients of ``client_size`` examples at evaluation (no training clients' sizes here)."""
-    names = ["day", "night", "dusk", "dawn"][:modes]
-    return StrategySetup(mode_names=names, num_classes=2, branches=modes,
-                         schedule=SCHEDULES.get(schedule)(modes, period=period), seed=seed, rounds=rounds,
-                         eval=EvalConfig(client_size=client_size))
-
-
-def trainer(lr: float = 0.1) -> ERM:
-    return ERM(ComponentParams(), ClientConfig(strategy="erm", lr=lr, batch_size=20, local_epochs=1))
-
-
-def points(x, mode: int = 0) -> ClientData:
-    """A client holding the given features, all of one mode and labelled with it."""
-    x = torch.tensor(x)
-    return ClientData(x, torch.full((len(x),), mode), torch.full((len(x),), mode), 2)
-
-
-def client_job(strategy, instruction, data: ClientData, model: MultiBranchNet, server_round: int = 0) -> ClientJob:
-    """What World.run_client builds: the model parameters loaded, the algorithm's arrays in ``extra``."""
-    model.load_state_dict(instruction.arrays, strict=False)
-    return ClientJob.of(model, data, trainer(), cid=instruction.cid, round=server_round,
-                        received=list(instruction.arrays), config=instruction.config, extra=instruction.extra,
-                        generator=torch.Generator().manual_seed(instruction.cid))
-
-
-def run_round(strategy, server_round: int, cohort: list[ClientSpec], data: dict[int, ClientData],
-              corrupt: set[int] = frozenset()) -> dict[str, float]:
-    """One round, clients in-process: configure, each client's half, aggregate. ``corrupt`` clients reply
-    with a NaN update."""
-    worker = identity_net(strategy.model.feature_dim, strategy.model.num_classes, strategy.model.num_branches)
-    replies = []
-    for ins in strategy.configure_train(server_round, cohort):
-        res = strategy.client_update(client_job(strategy, ins, data[ins.cid], worker, server_round))
-        if ins.cid in corrupt:
-            res.arrays = {k: torch.full_like(v, math.nan) for k, v in res.arrays.items()}
-        mode = next(c.mode for c in cohort if c.cid == ins.cid)
-        replies.append(ClientReply(ins.cid, mode, res.num_examples, res.arrays, res.metrics, res.stats))
-    usable, counts = screen(replies)  # as the round loop does
-    return {**strategy.aggregate_train(server_round, usable), **counts}
-
-
-def planted(sep: float = 1.0, spread: float = 0.8, offset: float = 0.0, clients: int = 20, n: int = 40, seed: int = 0):
-    """Two planted clusters in 2-d: day clients' features ~ N((offset, +sep), spread^2 I), night ~
-    N((offset, -sep), spread^2 I)."""
-    g = torch.Generator().manual_seed(seed)
-    data, pools = {}, [[], []]
-    for mode, mean in enumerate([sep, -sep]):
-        for _ in range(clients):
-            cid = len(data)
-            x = torch.tensor([offset, mean]) + spread * torch.randn(n, 2, generator=g)
-            data[cid] = ClientData(x, torch.full((n,), mode), torch.full((n,), mode), 2)
-            pools[mode].append(cid)
-    return data, [np.array(p) for p in pools]
-
-
-FAR = {"offset": 10.0, "sep": 0.5, "spread": 0.3}  # both modes far from the initial centers, close to each other
-
-
-def run_planted(cls, rounds: int = 96, period: int = 16, seed: int = 0, centers=None, schedule: str = "linear",
-                geometry: dict | None = None, **params):
-    """Run a clustering strategy on planted clusters; returns it and the per-round metrics."""
-    setup = setup_for(period=period, seed=seed, rounds=rounds, schedule=schedule)
-    strategy = cls(cls.Params(**params), setup)
-    strategy.initialize(identity_net(2))
-    if centers is not None:
-        if cls is FedTKM:
-            strategy.centers = torch.tensor(centers, dtype=torch.float32)
-        else:
-            strategy.means = torch.tensor(centers, dtype=torch.float32)
-    data, pools = planted(seed=seed, **(geometry or {}))
-    sampler = ModeSampler(setup.schedule, pools, 10, seed)
-    rows = [run_round(strategy, t, [ClientSpec(c, m) for c, m in sampler.cohort(t)], data) for t in range(rounds)]
-    return strategy, rows
-
+from fedshift.nets.models import ModelOutput
+from fedshift.shift import ModeSampler
 
 # ------------------------------------------------------------------------------------------ FEDTKM.md section 4
 
@@ -131,23 +53,6 @@ def test_reference_check_on_center_statistics():
     assert metrics["cluster/ratio"] == 0.5
     # each center becomes the count-weighted mean of the feature means of the clients that chose it
     assert torch.allclose(s.centers, torch.tensor([[0.0], [-2.0]]))
-
-
-def one_client_with_a_trainable_trunk(x: list[float], server_round: int = 0, cls=FedTKM, **params):
-    """FedTKM (or FedTEM) with centers (means) [1, -2] and a 1-d linear trunk starting as the identity; one
-    client holding the features ``x`` (all labelled 1) trains a round. Returns the strategy and the result."""
-    s = cls(cls.Params(**params), setup_for())
-    torch.manual_seed(0)
-    s.initialize(MultiBranchNet(nn.Linear(1, 1), 1, 2, 2))
-    s.opt.arrays.update({"trunk.weight": torch.ones(1, 1), "trunk.bias": torch.zeros(1)})
-    if cls is FedTKM:
-        s.centers = torch.tensor([[1.0], [-2.0]])
-    else:
-        s.means = torch.tensor([[1.0], [-2.0]])
-    n = len(x)
-    data = ClientData(torch.tensor(x)[:, None], torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), 2)
-    (ins,) = s.configure_train(server_round, [ClientSpec(0, 0)])
-    return s, s.client_update(client_job(s, ins, data, MultiBranchNet(nn.Linear(1, 1), 1, 2, 2), server_round))
 
 
 def test_center_statistics_come_from_the_locally_trained_model():
@@ -177,19 +82,6 @@ def test_with_stats_model_received_the_statistics_use_the_features_that_voted(an
     assert res.metrics["branch"] == center
     assert torch.allclose(res.stats["fedtkm.center_rows"], expected, atol=1e-5)
     assert torch.equal(res.stats["fedtkm.assigned"], torch.eye(2)[center])
-
-
-@pytest.mark.parametrize("stats_model", ["trained", "received"])
-def test_fedtem_statistics_come_from_the_model_stats_model_names(stats_model):
-    """FedTEM's E-step statistics: responsibilities and feature sums of the trained features (the reference's
-    order) or of the received ones, which the training responsibilities also used."""
-    x = torch.tensor([[1.4], [1.6], [-1.5]])
-    s, res = one_client_with_a_trainable_trunk([1.4, 1.6, -1.5], cls=FedTEM, stats_model=stats_model)
-    assert not torch.allclose(res.arrays["trunk.weight"], torch.ones(1, 1))  # training moved the trunk
-    feats = x if stats_model == "received" else x * res.arrays["trunk.weight"] + res.arrays["trunk.bias"]
-    gamma = torch.softmax(-(feats - s.means.T) ** 2 / 2, 1)  # unit variances, uniform weights
-    assert torch.allclose(res.stats["fedtem.resp"], gamma.sum(0), atol=1e-5)
-    assert torch.allclose(res.stats["fedtem.feat"], gamma.T @ feats, atol=1e-5)
 
 
 def test_a_center_nobody_chose_stays():
@@ -430,6 +322,20 @@ def test_without_label_smoothing_only_the_trunk_and_the_chosen_head_train_and_tr
     assert not torch.equal(res.arrays["heads.0.weight"], ins.arrays["heads.0.weight"])  # the KL trains head 0
 
 
+def test_branch_loss_on_sequence_logits_is_per_token():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 2, 5, 3)  # [B, K, C, T]
+    y = torch.tensor([[1, 4, -1], [0, -1, -1]])
+    batch = type("B", (), {"y": y})()
+    got = branch_loss(torch.tensor([1.0, 0.0]), 0.5, 0.1)(ModelOutput(logits, torch.zeros(2, 1)), batch)
+    assert got.shape == (2, 3) and got[0, 2] == 0 and got[1, 1] == 0
+    target = torch.full((5,), 0.02)
+    target[4] += 0.9
+    kl = (target * (target.log() - torch.log_softmax(logits[0, 1, :, 1], 0))).sum()
+    ce = nn.functional.cross_entropy(logits[0, 0, :, 1][None], torch.tensor([4]))
+    assert got[0, 1] == pytest.approx(float(ce + 0.5 * kl), abs=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ failures
 
 
@@ -485,7 +391,6 @@ def test_planted_clusters_are_separated(cls):
     assert day != night
 
 
-
 def test_the_prior_separates_modes_that_plain_k_means_leaves_on_one_branch():
     """Both clusters are far from the initial centers: the first center chosen is nearest to everyone and
     plain k-means (geo_lr = 0) keeps every client on it. The prior moves s until the share on center 0
@@ -514,23 +419,6 @@ def test_after_too_few_clients_on_center_0_a_day_cohort_at_equal_distance_choose
     assert s.scales[0] < 1 and branch_now() == 0.0
 
 
-def test_fedtem_m_step_and_mixture_weights():
-    """Well separated components: responsibilities are one-hot, so the M-step gives the clients' means and
-    variances exactly, and the log weight of component 0 moves by -geo_lr (share_0 - q_hat)."""
-    s = FedTEM(FedTEM.Params(memory=0.5), setup_for(period=8))
-    s.initialize(identity_net())
-    s.means = torch.tensor([[5.0], [-5.0]])
-    data = {0: points([[4.0], [6.0]], mode=0), 1: points([[-3.0], [-7.0]], mode=1)}
-    m = run_round(s, 3, [ClientSpec(0, 0), ClientSpec(1, 1)], data)  # q_hat = q(2) = 0.5
-    assert torch.allclose(s.means, torch.tensor([[5.0], [-5.0]]))
-    assert torch.allclose(s.vars, torch.tensor([1.0, 4.0]))  # (16 + 36) / 2 - 25 and (9 + 49) / 2 - 25
-    assert m["cluster/ratio"] == pytest.approx(0.5) and s.log_weights[0] == pytest.approx(0.0) and s.log_weights[1] == 0
-    m = run_round(s, 1, [ClientSpec(1, 1)], data)  # q_hat = q(0) = 1, nobody on component 0
-    assert s.log_weights[0] == pytest.approx(-0.2 * (0.0 - 1.0)) and m["cluster/weight"] > 0.5
-    # online statistics: component 0 kept half its old mass, component 1 got the new client's again
-    assert torch.allclose(s.n, torch.tensor([1.0, 3.0], dtype=torch.float64))
-
-
 def test_fedtkm_with_three_branches_runs_a_round_and_keeps_the_last_scale_at_one():
     setup = setup_for(period=9, modes=3)
     s = FedTKM(FedTKM.Params(), setup)
@@ -541,18 +429,7 @@ def test_fedtkm_with_three_branches_runs_a_round_and_keeps_the_last_scale_at_one
     assert {"cluster/share/2", "cluster/s/1", "cluster/prior/2"} <= set(m)
 
 
-def test_branch_loss_on_sequence_logits_is_per_token():
-    torch.manual_seed(2)
-    logits = torch.randn(2, 2, 5, 3)  # [B, K, C, T]
-    y = torch.tensor([[1, 4, -1], [0, -1, -1]])
-    batch = type("B", (), {"y": y})()
-    got = branch_loss(torch.tensor([1.0, 0.0]), 0.5, 0.1)(ModelOutput(logits, torch.zeros(2, 1)), batch)
-    assert got.shape == (2, 3) and got[0, 2] == 0 and got[1, 1] == 0
-    target = torch.full((5,), 0.02)
-    target[4] += 0.9
-    kl = (target * (target.log() - torch.log_softmax(logits[0, 1, :, 1], 0))).sum()
-    ce = nn.functional.cross_entropy(logits[0, 0, :, 1][None], torch.tensor([4]))
-    assert got[0, 1] == pytest.approx(float(ce + 0.5 * kl), abs=1e-5)
+# ------------------------------------------------------------------------------------------ updates, checkpoints, client.max_examples
 
 
 @pytest.mark.parametrize("cls", [FedTKM, FedTEM])

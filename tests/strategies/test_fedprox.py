@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from _harness import setup_for
 from fedshift.clients.base import ClientData, TrainTask
 from fedshift.clients.erm import ERM
 from fedshift.clients.irm import IRM
 from fedshift.strategies.base import ClientJob
 from fedshift.strategies.fedprox import FedProx
-from test_fedtkm import setup_for
 from torch import nn
 
 from fedshift import load_scenario, run_scenario
