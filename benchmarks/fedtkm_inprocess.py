@@ -24,12 +24,12 @@ from fedshift import load_scenario, run_scenario
 from fedshift.runtime.callbacks import final_period_means
 
 
-def last_period(scenario_name: str, overrides: list[str]) -> dict[str, float]:
-    """One run in process; the metrics averaged over its last period."""
+def last_period(scenario_name: str, overrides: list[str], extra=None) -> dict[str, float]:
+    """One run in process; the metrics averaged over its last period (plus ``extra(rows)``'s, if given)."""
     s = load_scenario(scenario_name, ["output.tensorboard=false", "output.save_model=false", *overrides])
     with tempfile.TemporaryDirectory() as tmp:
         result = run_scenario(s, out=Path(tmp) / "run", executor="inprocess")
-    return final_period_means(result.rows, s.shift.period)
+    return final_period_means(result.rows, s.shift.period) | (extra(result.rows) if extra else {})
 
 
 def main() -> None:

@@ -3,11 +3,21 @@
 Offline (default): the default scenario (digits 0-4 by day, 5-9 by night) and digits-conflict (night = inverted
 digits with other labels), every strategy with the same seeds, rounds and client/server optimizers:
 
-    python benchmarks/reproduce_fedtkm.py --inprocess           # 2 scenarios x 10 strategies x 3 seeds, 192 rounds
+    python benchmarks/reproduce_fedtkm.py --inprocess           # 2 scenarios x 12 strategies x 3 seeds, 192 rounds
     python benchmarks/reproduce_fedtkm.py                      # the same through Flower and Ray
     python benchmarks/reproduce_fedtkm.py --rounds 64           # the scenarios' own budget (4 periods)
     python benchmarks/reproduce_fedtkm.py --scenarios default --strategies fedavg fedtkm --seeds 0
     python benchmarks/reproduce_fedtkm.py --set client.lr=0.05  # any override, applied to every run
+
+Issue 16's routing scenarios (three and four modes, a two-mode task one model cannot serve, a trace-driven shift)
+and the recommended prior-ifca under wrong priors (rows that run only when named):
+
+    python benchmarks/reproduce_fedtkm.py --inprocess --scenarios default digits-conflict digits-three digits-four \
+        digits-mirror --strategies fedavg fedtkm fedtkm-anchored ifca prior-ifca-noprior prior-ifca oracle
+    python benchmarks/reproduce_fedtkm.py --inprocess --scenarios digits-trace \
+        --strategies fedavg ifca oracle prior-ifca prior-ifca-mean-curve prior-ifca-noprior
+    python benchmarks/reproduce_fedtkm.py --inprocess --scenarios default digits-three \
+        --strategies prior-ifca-phase-t8 prior-ifca-period-1.1
 
 The offline runs take 192 rounds (12 periods of 16) unless --rounds says otherwise: at the scenarios' 64 rounds
 the clustering strategies are still settling (docs/strategies.md has both tables). In process, a 192-round run
@@ -30,9 +40,10 @@ last period, under the three evaluation protocols (docs/evaluation.md): the test
 one mode, sized like the training clients, picks one branch from its own inputs: the headline ``accuracy``, also
 per mode), per-example routing, and the reference's protocol (each mode's part of a mixed 64-example batch votes).
 Then the routing (head-selection) accuracy: labelled (branch k = mode k) under the vote and per example, and
-permutation-free (the best matching of branches to modes) under the vote and per example. One-branch strategies
-route nothing: their three accuracies are equal and their routing cells are empty. oracle and pluralistic route
-by the true mode, which no deployed system knows.
+permutation-free (the best matching of branches to modes) under the vote and per example, and per seed the first
+round from which the labelled routing under the vote stays >= 0.95 to the end (in-process runs only). One-branch
+strategies route nothing: their three accuracies are equal and their routing cells are empty. oracle and
+pluralistic route by the true mode, which no deployed system knows.
 """
 
 from __future__ import annotations
@@ -63,8 +74,20 @@ STRATEGIES: dict[str, list[str]] = {
     "ifca": ["strategy.name=ifca"],
     "oracle": ["strategy.name=oracle"],
     "pluralistic": ["strategy.name=pluralistic"],
+    # the recommended method (docs/strategies.md) and the same without the prior (plain IFCA, energy route)
+    "prior-ifca": ["strategy.name=prior-ifca"],
+    "prior-ifca-noprior": ["strategy.name=prior-ifca", "strategy.prior=none"],
+    # prior-ifca under a wrong prior: phase off by T/8, period off by 10%, and (for a trace-driven shift such as
+    # digits-trace's) only the mean curve, a cosine with the scenario's period
+    "prior-ifca-phase-t8": ["strategy.name=prior-ifca", "strategy.prior_phase_shift=0.125"],
+    "prior-ifca-period-1.1": ["strategy.name=prior-ifca", "strategy.prior_period_scale=1.1"],
+    "prior-ifca-mean-curve": ["strategy.name=prior-ifca", "strategy.prior=cosine"],
 }
+ROBUSTNESS = ["prior-ifca-phase-t8", "prior-ifca-period-1.1", "prior-ifca-mean-curve"]  # asked for by name only
 OFFLINE = ["default", "digits-conflict"]
+# issue 16's scenarios beyond the two above: three and four modes, and a two-mode task one model cannot serve
+ROUTING_SCENARIOS = ["digits-three", "digits-four", "digits-mirror"]
+ROUTING_LEVEL = 0.95  # "rounds to route": the first round from which the vote's labelled routing stays >= this
 PAPER = ["emnist", "cifar"]
 # the authors' published FedTKM flags per task (FEDTKM.md section 2), for the strategies with that loss
 PAPER_SMOOTHING = {
@@ -95,7 +118,7 @@ def run_one(scenario: str, strategy: str, seed: int, extra: list[str], out: Path
         from fedtkm_inprocess import last_period
 
         t0 = time.perf_counter()
-        result = last_period(scenario, overrides_for(scenario, strategy, seed, extra))
+        result = last_period(scenario, overrides_for(scenario, strategy, seed, extra), rounds_to_route)
         print(f"  {scenario} {strategy} seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         return result
 
@@ -113,6 +136,20 @@ def run_one(scenario: str, strategy: str, seed: int, extra: list[str], out: Path
     return json.loads(summary_file.read_text())["final_period"]
 
 
+def rounds_to_route(rows: list[dict]) -> dict[str, float]:
+    """``routing_rounds``: the first evaluated round from which the labelled routing accuracy under the vote
+    stays >= ROUTING_LEVEL to the end of the run (nan if it is below at the end; absent for one-branch models)."""
+    evaluated = [(r["round"], r["eval/all/branch_accuracy"]) for r in rows if "eval/all/branch_accuracy" in r]
+    if not evaluated:
+        return {}
+    first = float("nan")
+    for rnd, acc in reversed(evaluated):
+        if not acc >= ROUTING_LEVEL:
+            break
+        first = float(rnd)
+    return {"routing_rounds": first}
+
+
 def cell(values: list[float]) -> str:
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)])
     return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) else "-"
@@ -124,21 +161,27 @@ ROUTING = [("vote", "branch_accuracy"), ("vote, matched", "branch_accuracy_match
 
 
 def table(scenario: str, modes: list[str], results: dict[str, list[dict]]) -> str:
-    cols = [*(f"{m} (vote)" for m in modes), *(f"all ({c})" for c, _ in COLUMNS), *(f"routing ({c})" for c, _ in ROUTING)]
+    cols = [*(f"{m} (vote)" for m in modes), *(f"all ({c})" for c, _ in COLUMNS),
+            *(f"routing ({c})" for c, _ in ROUTING), f"routing >= {ROUTING_LEVEL} from round"]
     lines = [f"## {scenario}: last period, mean ± std over {len(next(iter(results.values())))} seeds",
              "", "| strategy | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for strategy, runs in results.items():
         row = [cell([r.get(f"eval/{m}/accuracy") for r in runs]) for m in modes]
         row += [cell([r.get(f"eval/all/{key}", r.get("eval/all/accuracy")) for r in runs]) for _, key in COLUMNS]
         row += [cell([r.get(f"eval/all/{key}") for r in runs]) for _, key in ROUTING]
+        reached = [r["routing_rounds"] for r in runs if "routing_rounds" in r]
+        row.append(("-" if not reached else f"{sum(np.isfinite(reached))}/{len(reached)}: "
+                    + " ".join("never" if not np.isfinite(v) else str(int(v)) for v in reached)))
         lines.append(f"| {strategy} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenarios", nargs="+", help=f"scenario names or files (default: {' '.join(OFFLINE)})")
-    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    ap.add_argument("--scenarios", nargs="+", help=f"scenario names or files (default: {' '.join(OFFLINE)}; issue 16's "
+                                                   f"routing scenarios: {' '.join(ROUTING_SCENARIOS)})")
+    ap.add_argument("--strategies", nargs="+", default=[s for s in STRATEGIES if s not in ROBUSTNESS],
+                    choices=list(STRATEGIES))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="scenario override applied to every run (repeatable)")

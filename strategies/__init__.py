@@ -18,7 +18,8 @@ from .fedtkm import FedTKM
 from .ifca import IFCA
 from .oracle import Oracle
 from .pluralistic import Pluralistic
+from .prior_ifca import PriorIFCA
 from .server_optimizer import ModelStrategy
 
 __all__ = ["IFCA", "STRATEGIES", "ModelStrategy", "ClientInstruction", "ClientJob", "ClientReply", "ClientResult", "ClientSpec", "FedAvg",
-           "FedProx", "FedTEM", "FedTKM", "Oracle", "Pluralistic", "ServerStrategy", "StrategyParams", "StrategySetup"]
+           "FedProx", "FedTEM", "FedTKM", "Oracle", "Pluralistic", "PriorIFCA", "ServerStrategy", "StrategyParams", "StrategySetup"]

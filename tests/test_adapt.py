@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from fedshift import adapt
-from fedshift.adapt import ADAPTATIONS, AdaptedStream, BNAdaptParams, TentParams, build_adaptation, check_model, entropy
+from fedshift.adapt import (
+    ADAPTATIONS,
+    AdaptedStream,
+    BNAdaptParams,
+    TentParams,
+    build_adaptation,
+    check_model,
+    entropy,
+)
 from fedshift.core.params import ComponentParams, ComponentSpec
 from fedshift.evaluation import evaluate_modes
 from fedshift.nets.models import MultiBranchNet

@@ -23,12 +23,7 @@ from fedshift.clients.erm import ERM  # noqa: E402
 from fedshift.build import build_model  # noqa: E402
 from fedshift.core.errors import DatasetUnavailable  # noqa: E402
 from fedshift.data import DATASETS, build_federation  # noqa: E402
-from fedshift.data.stackoverflow import (  # noqa: E402
-    SpecialTokens,
-    encode,
-    most_frequent,
-    read_vocabulary,
-)
+from fedshift.data.stackoverflow import SpecialTokens, encode, most_frequent, read_vocabulary
 from fedshift.nets.lm import NextWordLSTM, token_accuracy, token_counts  # noqa: E402
 from fedshift.nets.models import ARCHITECTURES
 from fedshift.scenario import load_scenario  # noqa: E402

@@ -2,7 +2,13 @@ import torch
 from fedshift.strategies.base import ClientInstruction
 from flwr.app import RecordDict
 
-from fedshift.runtime.flower.transport import add_error, add_reply, pack_instructions, unpack_instructions, unpack_reply
+from fedshift.runtime.flower.transport import (
+    add_error,
+    add_reply,
+    pack_instructions,
+    unpack_instructions,
+    unpack_reply,
+)
 
 
 def test_pack_round_trip_sends_shared_tensors_once():

@@ -39,7 +39,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedshift.runtime.executors import WORKER_START_S, InProcessExecutor, UnpackedReply, _cpu, failure_text, phase_times
+from fedshift.runtime.executors import (
+    WORKER_START_S,
+    InProcessExecutor,
+    UnpackedReply,
+    _cpu,
+    failure_text,
+    phase_times,
+)
 from fedshift.strategies.base import ClientInstruction
 
 if TYPE_CHECKING:
