@@ -10,6 +10,7 @@ from torch.func import functional_call
 from fedshift.core.params import ComponentParams
 
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext, require_several_domains
+from .fish import steps_per_domain
 
 
 def cagrad_weights(gram: np.ndarray, c: float) -> np.ndarray:
@@ -192,15 +193,5 @@ class GradBase(ClientTrainer):
     Params = GradBaseParams
 
     def update(self, batch: Batch, ctx: TrainContext):
-        losses = []
-        for domain in ctx.data.domains:
-            keep = (batch.domain == domain) & (batch.y >= 0)
-            if not bool(keep.any()):
-                continue
-            sub = Batch(batch.x[keep], batch.y[keep], batch.domain[keep])
-            loss = ctx.loss(ctx.model(sub.x), sub)
-            ctx.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            ctx.optimizer.step()
-            losses.append(loss.detach())
+        losses = steps_per_domain(batch, ctx)
         return {"loss": torch.stack(losses).mean()} if losses else {}

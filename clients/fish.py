@@ -10,6 +10,23 @@ from fedshift.core.params import ComponentParams
 from .base import CLIENT_STRATEGIES, Batch, ClientTrainer, TrainContext
 
 
+def steps_per_domain(batch: Batch, ctx: TrainContext) -> list[torch.Tensor]:
+    """One optimizer step on each mode's labelled examples of the batch in turn (Fish's inner loop, GradBase's
+    whole update); the detached losses."""
+    losses = []
+    for domain in ctx.data.domains:
+        keep = (batch.domain == domain) & (batch.y >= 0)
+        if not bool(keep.any()):
+            continue
+        sub = Batch(batch.x[keep], batch.y[keep], batch.domain[keep])
+        loss = ctx.loss(ctx.model(sub.x), sub)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ctx.optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
 class FishParams(ComponentParams):
     meta_lr: float = Field(0.5, ge=0, le=1, description="meta-update step epsilon")
 
@@ -41,17 +58,7 @@ class Fish(ClientTrainer):
     def update(self, batch: Batch, ctx: TrainContext):
         params = [p for group in ctx.optimizer.param_groups for p in group["params"]]
         start = [p.detach().clone() for p in params]
-        losses = []
-        for domain in ctx.data.domains:
-            keep = (batch.domain == domain) & (batch.y >= 0)
-            if not bool(keep.any()):
-                continue
-            sub = Batch(batch.x[keep], batch.y[keep], batch.domain[keep])
-            loss = ctx.loss(ctx.model(sub.x), sub)
-            ctx.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            ctx.optimizer.step()
-            losses.append(loss.detach())
+        losses = steps_per_domain(batch, ctx)
         with torch.no_grad():
             torch._foreach_lerp_(params, start, 1.0 - self.params.meta_lr)
         return {"loss": torch.stack(losses).mean()} if losses else {}
