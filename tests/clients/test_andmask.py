@@ -8,18 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _small import tiny_model
 from fedshift.clients.andmask import ANDMask, SANDMask
 from fedshift.clients.base import Batch, ClientData, TrainContext, TrainTask
 
 from fedshift import load_scenario, run_scenario
 from fedshift.core.errors import ScenarioError
-from fedshift.nets.models import MLP, MLPParams
 from fedshift.schema import ClientConfig
-
-
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return MLP.build((1, 4, 4), 3, 1, 6, MLPParams(hidden=[8]))
 
 
 def tiny_data(n: int = 30, domains: int = 3, seed: int = 1) -> ClientData:

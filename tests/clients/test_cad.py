@@ -7,17 +7,12 @@ import math
 
 import pytest
 import torch
+from _small import tiny_model
 from fedshift.clients.base import Batch, ClientData, TrainContext, TrainTask
 from fedshift.clients.cad import CAD, CondCAD, bottleneck_loss
 
 from fedshift.core.errors import ScenarioError
-from fedshift.nets.models import MLP, MLPParams
 from fedshift.schema import ClientConfig
-
-
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return MLP.build((1, 4, 4), 3, 1, 6, MLPParams(hidden=[8]))
 
 
 def make(cls, **params):

@@ -6,23 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _small import tiny_model
 from fedshift.clients.base import Batch, ClientData, TrainContext, TrainTask
 from fedshift.clients.causirl import CausIRLCORAL, CausIRLMMD, CausIRLParams, random_halves
 from fedshift.clients.utils import domain_masks
 
 from fedshift import load_scenario, run_scenario
 from fedshift.core.errors import ScenarioError
-from fedshift.nets.models import MLP, MLPParams
 from fedshift.schema import ClientConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GAMMAS = [0.001, 0.01, 0.1, 1, 10, 100, 1000]
-
-
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return MLP.build((1, 4, 4), 3, 1, 6, MLPParams(hidden=[8]))
 
 
 def data_of(domain: list[int], seed: int = 1) -> ClientData:

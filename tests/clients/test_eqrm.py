@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fedshift.clients.base import Batch, ClientData, TrainContext, TrainTask
+from _small import data_of, tiny_model
+from fedshift.clients.base import Batch, TrainContext, TrainTask
 from fedshift.clients.eqrm import EQRM, EQRMParams, kde_quantile
 from scipy import optimize
 from scipy.stats import norm
 
 from fedshift import load_scenario, run_scenario
 from fedshift.core.errors import ScenarioError
-from fedshift.nets.models import MLP, MLPParams
 from fedshift.schema import ClientConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,18 +51,6 @@ def test_kde_quantile_of_equal_risks_is_their_value_with_a_finite_gradient():
     q = kde_quantile(r, 0.9)
     (grad,) = torch.autograd.grad(q, r)
     assert q.item() == pytest.approx(0.7) and bool(torch.isfinite(grad).all())
-
-
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return MLP.build((1, 4, 4), 3, 1, 6, MLPParams(hidden=[8]))
-
-
-def data_of(domain: list[int], seed: int = 1) -> ClientData:
-    g = torch.Generator().manual_seed(seed)
-    d = torch.tensor(domain)
-    x = torch.randn(len(d), 1, 4, 4, generator=g) + d[:, None, None, None].float()
-    return ClientData(x, torch.randint(0, 3, (len(d),), generator=g), d, 3)
 
 
 def ctx_for(tr, model, data) -> TrainContext:

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _small import tiny_model
 from fedshift.clients.base import Batch, ClientData, TrainContext, TrainTask
 from fedshift.clients.selfreg import SelfReg, same_class_partners
 
-from fedshift.nets.models import MLP, MLPParams
 from fedshift.schema import ClientConfig
-
-
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return MLP.build((1, 4, 4), 3, 1, 6, MLPParams(hidden=[8]))
 
 
 def make(**params) -> SelfReg:

@@ -7,26 +7,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _small import data_of, tiny_model
 from fedshift.clients.base import ClientData, TrainContext, TrainTask
 from fedshift.clients.vrex import VREx, VRExParams
 
 from fedshift import load_scenario, run_scenario
-from fedshift.nets.models import MLP, MLPParams
 from fedshift.schema import ClientConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return MLP.build((1, 4, 4), 3, 1, 6, MLPParams(hidden=[8]))
-
-
-def data_of(domain: list[int], seed: int = 1) -> ClientData:
-    g = torch.Generator().manual_seed(seed)
-    d = torch.tensor(domain)
-    x = torch.randn(len(d), 1, 4, 4, generator=g) + d[:, None, None, None].float()
-    return ClientData(x, torch.randint(0, 3, (len(d),), generator=g), d, 3)
 
 
 def trainer(lr: float = 0.1, batch_size: int = 64, max_steps: int | None = 1, **params) -> VREx:
