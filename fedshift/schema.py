@@ -126,8 +126,9 @@ class BackendConfig(StrictModel):
     ray_address: str | None = Field(None, description="join this Ray cluster ('auto' or host:port) instead of starting one")
     ray_num_cpus: PositiveInt | None = Field(None, description="CPUs Ray may use when it starts locally (default: all)")
     clients_per_task: PositiveInt | Literal["auto"] = Field(
-        1, description="simulated clients per Ray task (one Flower message); 'auto' packs each round into two "
-                       "tasks per client slot, for large cohorts where per-message overhead dominates. "
+        1, description="simulated clients per pack: the clients one worker plays in a row, and that an injected "
+                       "crash ends together. A round sends one message per client slot with its share of the "
+                       "packs, by size; 'auto' makes packs of clients_per_round / (2 x slots). "
                        "Results are identical for every value")
     share_data: bool = Field(True, description="worker processes of one machine map one shared copy of the "
                                                "training data (built by the first) instead of each building its own")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from fedshift.strategies.base import ClientInstruction
 
 from fedshift import load_scenario, run_scenario
+from fedshift.runtime.flower.executor import lanes_of
 
 BASE = ["rounds=4", "clients_per_round=4", "eval.every=2", "output.tensorboard=false", "output.save_model=false"]
 CASES = {
@@ -95,3 +98,31 @@ def test_the_clients_phase_is_split_into_serialisation_compute_and_transport(tmp
         assert row["time/client_critical_s"] == row["time/client_compute_s"] > 0
         assert row["time/serialise_s"] + row["time/client_compute_s"] <= row["time/clients_s"] + 1e-9
         assert row["time/transport_s"] >= 0
+
+
+def _sim(sizes: dict[int, int], p: int = 1, faults: str = "") -> SimpleNamespace:
+    """What ``lanes_of`` reads of a simulation: packing, faults, seed and the clients' sizes."""
+    s = load_scenario("default", [*BASE, *([faults] if faults else [])])
+    fed = SimpleNamespace(client_size=lambda cid: sizes[cid])
+    return SimpleNamespace(clients_per_task=p, scenario=s, world=SimpleNamespace(federation=fed))
+
+
+def test_a_round_is_one_message_per_slot_shared_by_size_biggest_first():
+    sizes = {10: 50, 11: 10, 12: 40, 13: 30, 14: 30}
+    ins = [ClientInstruction(cid, {}, {}) for cid in sizes]
+    lanes = lanes_of(_sim(sizes), 0, ins, slots=2)
+    assert lanes == [[0, 4], [1, 2, 3]]  # 50+30 against 40+30+10
+    assert lanes_of(_sim(sizes), 0, ins, slots=8) == [[0], [2], [3], [4], [1]]  # no empty message; biggest first
+    assert lanes_of(_sim(sizes, p=2), 0, ins, slots=2) == [[2, 3], [0, 1, 4]]  # packs stay whole: 70 | 60+30
+
+
+def test_a_client_drawn_to_crash_or_be_slow_travels_alone():
+    from fedshift.runtime.faults import draw_fault
+
+    sim = _sim({c: 10 for c in range(40)}, faults="faults={crash: 0.1, slow: 0.1, time_limit_s: 5}")
+    ins = [ClientInstruction(c, {}, {}) for c in range(40)]
+    lanes = lanes_of(sim, 3, ins, slots=2)
+    bad = [i for i in range(40) if draw_fault(sim.scenario.faults, sim.scenario.seed, 3, i) in ("crash", "slow")]
+    assert bad and lanes[2:] == [[i] for i in bad]
+    assert sorted(i for lane in lanes for i in lane) == list(range(40))  # every client once
+    assert not set(bad) & set(lanes[0] + lanes[1])

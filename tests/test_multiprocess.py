@@ -18,8 +18,8 @@ import pytest
 from fedshift import load_scenario
 from fedshift.runtime import Simulation
 from fedshift.runtime.callbacks import Callback
-from fedshift.runtime.executors import InProcessExecutor
-from fedshift.runtime.multiprocess import MultiprocessExecutor, balance
+from fedshift.runtime.executors import InProcessExecutor, balance
+from fedshift.runtime.multiprocess import MultiprocessExecutor
 
 BASE = ["rounds=4", "clients_per_round=4", "eval.every=2", "output.tensorboard=false", "output.save_model=false"]
 
@@ -98,7 +98,10 @@ def test_bench_raw_is_the_better_of_one_process_on_all_threads_and_one_process_p
 
     console = Console(file=io.StringIO(), width=200)
     report = run_bench("A", 3, str(tmp_path / "bench.json"), ["fedshift", "flower"],
-                       ["clients_per_round=2", "model={architecture: mlp, hidden: [16], feature_dim: 16}"], console)
+                       ["clients_per_round=2", "model={architecture: mlp, hidden: [16], feature_dim: 16}"], console,
+                       repeat=2)
+    assert all(len(c["s_per_round_runs"]) == 2 for c in report["limit"]["candidates"].values())
+    assert len(report["limit"]["won_per_repetition"]) == 2 and "range over repetitions" in console.file.getvalue()
     n = os.cpu_count() or 1
     candidates = report["limit"]["candidates"]
     assert len(candidates) == 2 and limit_label(1, n) in candidates

@@ -29,6 +29,22 @@ def test_pack_round_trip_sends_shared_tensors_once():
     assert pack.tasks[1].state == {} and torch.equal(pack.broadcast["moments"], torch.ones(4))
 
 
+def test_the_messages_of_a_round_serialise_a_shared_tensor_once():
+    model = {"w": torch.randn(4, 3), "steps": torch.tensor(3)}
+    own = torch.ones(2)
+    cache: dict = {}
+    first = pack_instructions([ClientInstruction(1, model, {})], [{}], 2, "s", {}, cache)
+    second = pack_instructions([ClientInstruction(2, {**model, "b": own}, {})], [{}], 2, "s", {}, cache)
+    assert len(cache) == 3  # w and steps once for both messages, b for the second
+    assert first.array_records["arrays"]["t0"].data is second.array_records["arrays"]["t0"].data
+    got = unpack_instructions(second).tasks[0].instruction.arrays
+    assert torch.equal(got["w"], model["w"]) and got["steps"].dtype == torch.int64 and torch.equal(got["b"], own)
+    # without a cache each message serialises its own copy (the same values)
+    alone = pack_instructions([ClientInstruction(1, model, {})], [{}], 2, "s", {})
+    assert alone.array_records["arrays"]["t0"].data is not first.array_records["arrays"]["t0"].data
+    assert alone.array_records["arrays"]["t0"].data == first.array_records["arrays"]["t0"].data
+
+
 def test_model_arrays_and_algorithm_arrays_travel_apart():
     centers = torch.randn(2, 4)
     weights = torch.ones(3)

@@ -153,53 +153,83 @@ def bench_flower(scenario: Scenario) -> dict[str, Any]:
     return _result(times, scenario.clients_per_round, first_end, mem, driver_mb)
 
 
-def run_bench(workload: str, rounds: int, json_path: str | None, skip: list[str], extra: list[str], console) -> dict:
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median seconds per round (the lower middle one of an even count), with every run's median."""
+    order = sorted(runs, key=lambda r: r["s_per_round"])
+    return {**order[(len(order) - 1) // 2], "s_per_round_runs": [r["s_per_round"] for r in runs]}
+
+
+def run_bench(workload: str, rounds: int, json_path: str | None, skip: list[str], extra: list[str], console,
+              repeat: int = 1) -> dict:
+    """``repeat`` times each implementation, in alternating order (raw, fedshift, flower; then the reverse), so
+    that a change in the machine's speed during the benchmark falls on all of them alike. Each figure is the
+    median over the repetitions, and each ratio the median of the ratios within one repetition."""
     import tempfile
 
     from rich.table import Table
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, not {repeat}")
     scenario = workload_scenario(workload, rounds, extra)
     device = "cuda" if torch.cuda.is_available() and scenario.backend.device != "cpu" else "cpu"
     if workload == "C" and device != "cuda":
         console.print("[yellow]workload C is a GPU workload; no CUDA device here, running it on CPU[/]")
-    results: dict[str, dict] = {}
-    limit: dict[str, Any] = {}
+    names = [n for n in ("raw", "fedshift", "flower") if n not in skip]
+    reps: list[dict[str, Any]] = []  # per repetition: name -> result, and the limit's candidates
     with tempfile.TemporaryDirectory() as tmp:
-        if "raw" not in skip:
-            console.print("running raw (the machine's limit: one process on all threads, and one single-thread "
-                          "process per CPU) ...")
-            results["raw"], candidates, won = bench_raw(scenario, Path(tmp))
-            limit = {"candidates": candidates, "won": won}
-        for name, fn in [("fedshift", lambda: bench_fedshift(scenario, Path(tmp) / "run")),
-                         ("flower", lambda: bench_flower(scenario))]:
-            if name in skip:
-                continue
-            console.print(f"running {name} ...")
-            results[name] = fn()
-    ratios = {}
-    if "raw" in results and "fedshift" in results:
-        ratios["fedshift_over_raw"] = results["fedshift"]["s_per_round"] / results["raw"]["s_per_round"]
-    if "flower" in results and "fedshift" in results:
-        ratios["flower_over_fedshift"] = results["flower"]["s_per_round"] / results["fedshift"]["s_per_round"]
+        for k in range(repeat):
+            rep: dict[str, Any] = {"candidates": {}}
+            for name in (names if k % 2 == 0 else names[::-1]):
+                note = f" (repetition {k + 1} of {repeat})" if repeat > 1 else ""
+                if name == "raw":
+                    console.print(f"running raw (the machine's limit: one process on all threads, and one "
+                                  f"single-thread process per CPU){note} ...")
+                    rep["raw"], rep["candidates"], _ = bench_raw(scenario, Path(tmp) / f"raw{k}")
+                elif name == "fedshift":
+                    console.print(f"running fedshift{note} ...")
+                    rep["fedshift"] = bench_fedshift(scenario, Path(tmp) / f"run{k}")
+                else:
+                    console.print(f"running flower{note} ...")
+                    rep["flower"] = bench_flower(scenario)
+            reps.append(rep)
+    results = {name: _median_run([rep[name] for rep in reps]) for name in names}
+    limit: dict[str, Any] = {}
+    if "raw" in results:
+        candidates = {label: _median_run([rep["candidates"][label] for rep in reps]) for label in reps[0]["candidates"]}
+        won = min(candidates, key=lambda k: candidates[k]["s_per_round"])
+        results["raw"] = {**candidates[won], "limit": won,
+                          "s_per_round_runs": [rep["raw"]["s_per_round"] for rep in reps]}
+        limit = {"candidates": candidates, "won": won,
+                 "won_per_repetition": [rep["raw"]["limit"] for rep in reps]}
+    ratios: dict[str, float] = {}
+    runs_of_ratios: dict[str, list[float]] = {}
+    for key, a, b in (("fedshift_over_raw", "fedshift", "raw"), ("flower_over_fedshift", "flower", "fedshift")):
+        if a in results and b in results:
+            runs_of_ratios[key] = [rep[a]["s_per_round"] / rep[b]["s_per_round"] for rep in reps]
+            ratios[key] = float(statistics.median(runs_of_ratios[key]))
     cpu_name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                      if ln.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
     report = {"workload": workload, "about": WORKLOADS[workload]["about"], "rounds": rounds, "device": device,
               "machine": {"cpus": os.cpu_count(), "cpu": cpu_name,
                           "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
-              "backend": scenario.backend.model_dump(), "results": results, "limit": limit, "ratios": ratios}
+              "backend": scenario.backend.model_dump(), "repeat": repeat, "results": results, "limit": limit,
+              "ratios": ratios, "ratios_per_repetition": runs_of_ratios}
     table = Table(title=f"workload {workload}: {WORKLOADS[workload]['about']}; {rounds} rounds, {device}, "
                         f"{os.cpu_count()} cpus")
-    for col in ["impl", "s/round (median)", "updates/s", "start-up s", "peak driver MB", "peak workers MB"]:
+    for col in ["impl", "s/round (median)", *(["range over repetitions"] if repeat > 1 else []), "updates/s",
+                "start-up s", "peak driver MB", "peak workers MB"]:
         table.add_column(col, justify="right")
     rows = [*((f"{label} (raw)" if label == limit["won"] else label, r)
               for label, r in limit.get("candidates", {}).items()),
             *((name, r) for name, r in results.items() if name != "raw")]
     for name, r in rows:
-        table.add_row(name, f"{r['s_per_round']:.4f}", f"{r['client_updates_per_s']:.1f}", f"{r['startup_s']:.1f}",
+        spread = [f"{min(r['s_per_round_runs']):.4f}-{max(r['s_per_round_runs']):.4f}"] if repeat > 1 else []
+        table.add_row(name, f"{r['s_per_round']:.4f}", *spread, f"{r['client_updates_per_s']:.1f}", f"{r['startup_s']:.1f}",
                       f"{r['peak_driver_mb']:.0f}", f"{r['peak_workers_mb']:.0f}" if r["peak_workers_mb"] else "-")
     table.caption = "  ".join([*([f"raw = the better limit ({limit['won'].removeprefix('limit: ')})"] if limit else []),
-                               *(f"{k} = {v:.2f}" for k, v in ratios.items())])
+                               *(f"{k} = {v:.2f}" + (f" ({min(runs_of_ratios[k]):.2f}-{max(runs_of_ratios[k]):.2f})"
+                                                     if repeat > 1 else "") for k, v in ratios.items())])
     console.print(table)
     phased = [(name, r["phases_s"]) for name, r in rows if r.get("phases_s")]
     if phased:

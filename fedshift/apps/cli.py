@@ -158,6 +158,8 @@ def bench(
     rounds: Annotated[int, typer.Option("--rounds", "-r", min=3, help="rounds per implementation")] = 20,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="write the results here as JSON")] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="leave out raw, fedshift or flower")] = None,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="run each implementation this many times, in "
+                                        "alternating order; medians over the runs, ratios paired per run")] = 1,
     set_: SetOption = None,
 ) -> None:
     """Time fedshift against the machine's limit (raw: the loop without Flower, one process on all threads or
@@ -167,7 +169,8 @@ def bench(
     if workload not in WORKLOADS:
         _fail(FedshiftError(f"--workload {workload!r}: valid workloads are {', '.join(WORKLOADS)}"))
     try:
-        run_bench(workload, rounds, str(json_file) if json_file else None, skip or [], set_ or [], out_console)
+        run_bench(workload, rounds, str(json_file) if json_file else None, skip or [], set_ or [], out_console,
+                  repeat=repeat)
     except FedshiftError as exc:
         _fail(exc)
 

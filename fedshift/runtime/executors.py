@@ -60,6 +60,26 @@ def phase_times(replies: list[UnpackedReply], lanes: list[list[int]], copy_s: fl
             "time/client_critical_s": max((sum(compute[i] for i in lane) for lane in lanes), default=0.0)}
 
 
+def balance(weights: list[float], bins: int) -> list[list[int]]:
+    """Items shared among ``bins`` by weight: biggest first, each to the least loaded bin (the lowest index
+    among equals); each bin's items in their original order."""
+    loads = [0.0] * bins
+    shares: list[list[int]] = [[] for _ in range(bins)]
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        b = min(range(bins), key=lambda b: (loads[b], b))
+        loads[b] += weights[i]
+        shares[b].append(i)
+    return [sorted(s) for s in shares]
+
+
+def pack_weights(sim: Simulation, instructions: list[ClientInstruction], packs: list[list[int]]) -> list[float]:
+    """The work of each pack (positions in ``instructions``): its clients' examples, each capped at
+    ``client.max_examples``."""
+    fed, cap = sim.world.federation, sim.scenario.client.max_examples
+    return [float(sum(min(fed.client_size(instructions[i].cid), cap or float("inf")) for i in pack))
+            for pack in packs]
+
+
 def failure_text(exc: BaseException) -> str:
     """The reason a client failed, as a worker reports it (first line: type and message)."""
     return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"

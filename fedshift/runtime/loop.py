@@ -258,7 +258,8 @@ class Simulation:
 
     @property
     def num_tasks(self) -> int:
-        """Messages per round = supernodes: one message per node per round avoids Flower's engine wait."""
+        """Packs per round: the supernodes Flower registers, enough for one message per pack (a round sends one
+        message per client slot, and a pack drawn to crash or be slow alone, each to its own node)."""
         return -(-self.scenario.clients_per_round // self.clients_per_task)
 
     # ------------------------------------------------------------------ the round loop

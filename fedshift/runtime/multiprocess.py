@@ -44,7 +44,9 @@ from fedshift.runtime.executors import (
     InProcessExecutor,
     UnpackedReply,
     _cpu,
+    balance,
     failure_text,
+    pack_weights,
     phase_times,
 )
 from fedshift.strategies.base import ClientInstruction
@@ -119,18 +121,6 @@ def _stop_workers(workers: list[tuple[Any, Connection]]) -> None:
     workers.clear()
 
 
-def balance(weights: list[float], bins: int) -> list[list[int]]:
-    """Items shared among ``bins`` by weight: biggest first, each to the least loaded bin (the lowest index
-    among equals); each bin's items in their original order."""
-    loads = [0.0] * bins
-    shares: list[list[int]] = [[] for _ in range(bins)]
-    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
-        b = min(range(bins), key=lambda b: (loads[b], b))
-        loads[b] += weights[i]
-        shares[b].append(i)
-    return [sorted(s) for s in shares]
-
-
 class MultiprocessExecutor:
     """The round's clients in ``processes`` worker processes (default: one per CPU), one torch thread each."""
 
@@ -203,9 +193,7 @@ class MultiprocessExecutor:
             raise RuntimeError("MultiprocessExecutor.execute before start (or after close)")
         p = sim.clients_per_task
         packs = [list(range(s, min(s + p, len(instructions)))) for s in range(0, len(instructions), p)]
-        fed, cap = sim.world.federation, sim.scenario.client.max_examples
-        weights = [sum(min(fed.client_size(instructions[i].cid), cap or float("inf")) for i in pack)
-                   for pack in packs]
+        weights = pack_weights(sim, instructions, packs)
         t_serialise = time.perf_counter()
         broadcast = _cpu(sim.trainer_broadcast)
         sent: dict[int, list[list[int]]] = {}  # worker -> its packs (positions in instructions)

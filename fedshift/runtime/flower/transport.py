@@ -1,7 +1,7 @@
 """Packing fedshift's instructions and replies into Flower messages, and back.
 
-One message carries a *pack* of one or more simulated clients (``backend.clients_per_task``); one client
-per message is the pack of one, so both execution modes share this code. Arrays that several clients of a
+One message carries one or more simulated clients (a client slot's share of the round: packs of
+``backend.clients_per_task``, fedshift/runtime/flower/executor.py). Arrays that several clients of a
 pack receive as the same tensor (the global model, usually) travel once.
 
     server -> client: "arrays" ArrayRecord of unique tensors "t<j>"; "config" with fedshift.round,
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedshift.runtime.executors import UnpackedReply
 from fedshift.strategies.base import ClientInstruction
@@ -54,8 +54,20 @@ def _unpack_state(content: RecordDict, prefix: str) -> dict[str, Any]:
     return state
 
 
+def _serialised(tensor: torch.Tensor, cache: dict[int, Array] | None) -> Array:
+    """``tensor`` as a Flower Array, serialised once per ``cache`` (the messages of one round)."""
+    if cache is None:
+        return Array.from_numpy_ndarray(tensor.detach().cpu().numpy())
+    if id(tensor) not in cache:
+        cache[id(tensor)] = Array.from_numpy_ndarray(tensor.detach().cpu().numpy())
+    return cache[id(tensor)]
+
+
 def pack_instructions(instructions: list[ClientInstruction], states: list[dict[str, Any]], server_round: int,
-                      scenario_text: str, broadcast: dict[str, torch.Tensor]) -> RecordDict:
+                      scenario_text: str, broadcast: dict[str, torch.Tensor],
+                      cache: dict[int, Array] | None = None) -> RecordDict:
+    """One message's content. ``cache``: shared by the messages of one round, so that a tensor they all carry
+    (the global model) is serialised once; the tensors must stay alive while it is used (ids are its keys)."""
     unique: dict[int, str] = {}
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, Any] = {ROUND: server_round, SCENARIO: scenario_text, CIDS: [ins.cid for ins in instructions]}
@@ -70,7 +82,8 @@ def pack_instructions(instructions: list[ClientInstruction], states: list[dict[s
                 keys.append(key)
             config[f"c{i}.{part}names"], config[f"c{i}.{part}keys"] = list(arrays), keys
         config.update({f"c{i}.cfg.{k}": v for k, v in ins.config.items()})
-    content = RecordDict({"arrays": arrays_to_record(tensors), "config": ConfigRecord(config)})
+    arrays = ArrayRecord({k: _serialised(t, cache) for k, t in tensors.items()}) if tensors else ArrayRecord()
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
     for i, state in enumerate(states):
         _pack_state(content, f"state.{i}", state)
     if broadcast:
