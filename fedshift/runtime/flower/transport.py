@@ -27,6 +27,14 @@ ROUND, SCENARIO, CIDS = "fedshift.round", "fedshift.scenario", "fedshift.cids"
 COMPUTE = "fedshift.compute_s"  # metric key of a client's own compute seconds, taken out before its metrics
 
 
+def _record(content: RecordDict, key: str, kind: type) -> Any:
+    """The record ``key`` of ``content`` if it is a ``kind``, else None. Flower's ``content.array_records`` (and
+    ``metric_records``, ``config_records``) builds a typed copy of every record of the message on each access, so
+    reading a message of n clients through them costs O(n^2): 0.7 s a round for 100 clients (workload B)."""
+    record = content.get(key)
+    return record if isinstance(record, kind) else None
+
+
 def arrays_to_record(arrays: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu() for k, v in arrays.items()}) if arrays else ArrayRecord()
 
@@ -47,10 +55,9 @@ def _pack_state(content: RecordDict, prefix: str, state: dict[str, Any]) -> None
 
 def _unpack_state(content: RecordDict, prefix: str) -> dict[str, Any]:
     state: dict[str, Any] = {}
-    if f"{prefix}.arrays" in content.array_records:
-        state.update(record_to_arrays(content.array_records[f"{prefix}.arrays"]))
-    if f"{prefix}.config" in content.config_records:
-        state.update(dict(content.config_records[f"{prefix}.config"]))
+    state.update(record_to_arrays(_record(content, f"{prefix}.arrays", ArrayRecord)))
+    if (config := _record(content, f"{prefix}.config", ConfigRecord)) is not None:
+        state.update(dict(config))
     return state
 
 
@@ -108,8 +115,8 @@ class Pack:
 
 
 def unpack_instructions(content: RecordDict) -> Pack:
-    cfg = dict(content.config_records["config"])
-    tensors = record_to_arrays(content.array_records.get("arrays"))
+    cfg = dict(_record(content, "config", ConfigRecord))
+    tensors = record_to_arrays(_record(content, "arrays", ArrayRecord))
     tasks = []
     for i, cid in enumerate(cfg[CIDS]):
         arrays, extra = ({n: tensors[k] for n, k in zip(cfg.get(f"c{i}.{part}names", []), cfg.get(f"c{i}.{part}keys", []))}
@@ -117,7 +124,7 @@ def unpack_instructions(content: RecordDict) -> Pack:
         prefix = f"c{i}.cfg."
         own_cfg = {k[len(prefix):]: v for k, v in cfg.items() if k.startswith(prefix)}
         tasks.append(PackedTask(ClientInstruction(int(cid), arrays, own_cfg, extra), _unpack_state(content, f"state.{i}")))
-    return Pack(int(cfg[ROUND]), str(cfg[SCENARIO]), tasks, record_to_arrays(content.array_records.get("trainer.server")))
+    return Pack(int(cfg[ROUND]), str(cfg[SCENARIO]), tasks, record_to_arrays(_record(content, "trainer.server", ArrayRecord)))
 
 
 def add_reply(content: RecordDict, i: int, arrays: dict[str, torch.Tensor], stats: dict[str, torch.Tensor],
@@ -136,15 +143,15 @@ def add_error(content: RecordDict, i: int, reason: str) -> None:
 
 
 def unpack_reply(content: RecordDict, i: int) -> UnpackedReply:
-    if f"error.{i}" in content.config_records:
-        return UnpackedReply(str(content.config_records[f"error.{i}"]["reason"]))
-    if f"metrics.{i}" not in content.metric_records:
+    if (error := _record(content, f"error.{i}", ConfigRecord)) is not None:
+        return UnpackedReply(str(error["reason"]))
+    if (metric_record := _record(content, f"metrics.{i}", MetricRecord)) is None:
         return UnpackedReply("dropped out")  # the worker sent nothing for this client
-    metrics = dict(content.metric_records[f"metrics.{i}"])
+    metrics = dict(metric_record)
     n = int(metrics.pop("num-examples"))
     compute_s = float(metrics.pop(COMPUTE, 0.0))
-    return UnpackedReply(None, n, record_to_arrays(content.array_records.get(f"arrays.{i}")),
+    return UnpackedReply(None, n, record_to_arrays(_record(content, f"arrays.{i}", ArrayRecord)),
                          {k: float(v) for k, v in metrics.items()},
-                         record_to_arrays(content.array_records.get(f"stats.{i}")),
-                         record_to_arrays(content.array_records.get(f"trainer.stats.{i}")),
+                         record_to_arrays(_record(content, f"stats.{i}", ArrayRecord)),
+                         record_to_arrays(_record(content, f"trainer.stats.{i}", ArrayRecord)),
                          _unpack_state(content, f"state.{i}"), compute_s)
