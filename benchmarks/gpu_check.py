@@ -7,6 +7,8 @@ Parts (each can be chosen with ``--parts``):
   the device (the lent GPU machine has no Ray);
 - ``emnist``: paper-shaped EMNIST on synthetic data (62 classes, 28x28, 3,383 + 3,400 clients, 81,403 test examples),
   FedTKM with an evaluation every round: seconds per round, of which evaluation;
+- ``eval``: the server's evaluation (FedTKM: every protocol and branch) against a bare forward pass over EMNIST's
+  81,404 test examples, at test batch 256 and 2048 (``benchmarks/eval_cost.py``);
 - ``cifar``: paper-shaped CIFAR on synthetic data (3x24x24, 110 classes, the reference's ``resnet18_gn``, 20 examples
   per client and round), FedTKM, the same timings.
 
@@ -126,10 +128,26 @@ def part_paper(task: str, rounds: int, device: str, tiny: bool) -> dict:
     return r
 
 
+def part_eval(device: str, tiny: bool) -> dict:
+    """The server's evaluation against a bare forward pass over EMNIST's test size (81,404 examples), FedTKM,
+    at the default test batch (256) and a larger one: what an evaluation costs on the GPU, and whether the
+    batch is the lever (benchmarks/eval_cost.py)."""
+    from eval_cost import measure
+
+    out = {}
+    for bs in (256, 2048):
+        r = measure("fedtkm", 300 if tiny else 40702, [f"eval.batch_size={bs}", f"backend.device={device}"],
+                    1 if tiny else 3)
+        print(f"evaluation on {device}, batch {bs}: {r['eval_s']:.3f} s against a bare forward pass "
+              f"{r['forward_s']:.3f} s ({r['ratio']:.2f}x), {r['examples']} examples")
+        out[f"batch_{bs}"] = r
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument("--parts", default="tests,A,C,emnist,cifar")
+    ap.add_argument("--parts", default="tests,A,C,emnist,eval,cifar")
     ap.add_argument("--allow-cpu", action="store_true", help="dry run on CPU with tiny sizes")
     ap.add_argument("--test-timeout", type=int, default=240)
     args = ap.parse_args(argv)
@@ -148,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "A": lambda: part_workload("A", 4 if dry else 30, device, dry),
         "C": lambda: part_workload("C", 3 if dry else 20, device, dry),
         "emnist": lambda: part_paper("emnist", 3 if dry else 20, device, dry),
+        "eval": lambda: part_eval(device, dry),
         "cifar": lambda: part_paper("cifar", 3 if dry else 10, device, dry),
     }
     for name in parts:

@@ -247,7 +247,8 @@ class _ModeScores:
 
 
 def _per_branch(output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B, K] labelled targets right and summed loss under each branch, and [B] labelled targets."""
+    """[B, K] labelled targets right and summed loss under each branch, and [B] labelled targets, on the model's
+    device (the caller moves a mode's results to the CPU once: a copy per batch would wait on the GPU each time)."""
     logits = output.logits
     labelled = labels != UNLABELLED
     hits, losses = [], []
@@ -257,8 +258,8 @@ def _per_branch(output: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor
         loss = F.cross_entropy(lk, labels, reduction="none", ignore_index=UNLABELLED)
         hits.append(hit.reshape(len(labels), -1).sum(1))
         losses.append(loss.reshape(len(labels), -1).sum(1))
-    return (torch.stack(hits, 1).double().cpu(), torch.stack(losses, 1).double().cpu(),
-            labelled.reshape(len(labels), -1).sum(1).double().cpu())
+    return (torch.stack(hits, 1).double(), torch.stack(losses, 1).double(),
+            labelled.reshape(len(labels), -1).sum(1).double())
 
 
 @torch.no_grad()
@@ -298,18 +299,18 @@ def evaluate_routed(model_of_mode: Callable[[int], MultiBranchNet],
             parts["loss"].append(loss)
             parts["targets"].append(targets)
             if routing is not None:
-                parts["branch"].append(routing.branch.long().cpu())
-                parts["score"].append(routing.score.double().cpu())
+                parts["branch"].append(routing.branch.long())
+                parts["score"].append(routing.score.double())
             for name in settings.ood:
-                scores[name].append(OOD_SCORES[name](output.logits).cpu())
+                scores[name].append(OOD_SCORES[name](output.logits))
         model.train(was_training)
         n_branches = model.num_branches if hasattr(model, "num_branches") else 1
         empty = torch.zeros(0, n_branches, dtype=torch.float64)
-        cat = (lambda key, blank: torch.cat(parts[key]) if parts[key] else blank)
+        cat = (lambda key, blank: torch.cat(parts[key]).cpu() if parts[key] else blank)  # one copy per mode
         modes.append(_ModeScores(cat("hits", empty), cat("loss", empty), cat("targets", torch.zeros(0)).double(),
                                  cat("branch", torch.zeros(0, dtype=torch.long)) if routed else None,
                                  cat("score", empty) if routed else None))
-        ood.append({name: torch.cat(parts_) for name, parts_ in scores.items()} if len(y) else None)
+        ood.append({name: torch.cat(parts_).cpu() for name, parts_ in scores.items()} if len(y) else None)
     out = _protocol_metrics(list(test_sets), modes, settings, client_sizes, seed)
     out.update(ood_metrics(ood, list(settings.ood)))
     return out

@@ -25,13 +25,15 @@ def mean_update(global_arrays: dict[str, torch.Tensor], replies: Sequence[Client
             continue
         g = global_arrays[name]
         total = float(sum(r.num_examples for r in have))
-        weights = [r.num_examples / total for r in have]
-        # sum_i w_i (x_i - g) as sum_i w_i x_i - (sum_i w_i) g, accumulated in float64 in place: one pass per
-        # reply and no temporaries (2.6x faster on a 1.2M-parameter model; equal to 1e-15)
+        # in float64, in place: the same operations in the same order as acc += (x - g) * w written out (so
+        # bitwise the same result), without a new temporary of the model's size per operation (4x faster on
+        # the EMNIST CNN's 1.2M values: benchmarks/aggregation_cost.py)
         acc = torch.zeros_like(g, dtype=torch.float64)
-        for r, w in zip(have, weights):
-            acc.add_(r.arrays[name].to(g.device), alpha=w)
-        out[name] = acc.sub_(g, alpha=sum(weights))
+        g64, diff = g.to(torch.float64), torch.empty_like(acc)
+        for r in have:
+            torch.sub(r.arrays[name].to(g.device), g64, out=diff)
+            acc.add_(diff.mul_(r.num_examples / total))
+        out[name] = acc
     return out
 
 
