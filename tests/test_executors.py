@@ -126,3 +126,24 @@ def test_a_client_drawn_to_crash_or_be_slow_travels_alone():
     assert bad and lanes[2:] == [[i] for i in bad]
     assert sorted(i for lane in lanes for i in lane) == list(range(40))  # every client once
     assert not set(bad) & set(lanes[0] + lanes[1])
+
+
+def test_after_a_crash_the_slots_are_queried_until_they_answer_and_a_real_error_ends_the_run(monkeypatch):
+    from fedshift.runtime.flower import executor as fe
+
+    monkeypatch.setattr(fe.time, "sleep", lambda s: None)
+    restarting = "<class 'ray.exceptions.ActorUnavailableError'>: The actor is restarting"
+
+    def executor(rounds_of_errors: list[list[str]]) -> fe.FlowerExecutor:
+        ex = fe.FlowerExecutor(grid=None)
+        ex.nodes, ex.slots, ex.asked = [1, 2, 3], 2, []
+        ex._query = lambda sim, nodes: ex.asked.append(list(nodes)) or rounds_of_errors.pop(0)  # one per call
+        return ex
+
+    ex = executor([[restarting], [restarting, restarting], []])
+    ex._heal(SimpleNamespace())
+    assert ex.asked == [[1, 2]] * 3  # one query per slot, until every slot answered
+    ex = executor([[restarting], ["ClientAppException: cannot build the data"], []])
+    with pytest.raises(RuntimeError, match="cannot build the data"):
+        ex._heal(SimpleNamespace())
+    assert len(ex.asked) == 2

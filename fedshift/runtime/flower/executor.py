@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 
 NODE_WAIT_S = 120.0
+HEAL_WAIT_S = 300.0  # how long the slots may keep failing at once (restarting) after a crash
+# what Ray's errors say while a process that died is being started again (anything else is a real error)
+RESTARTING = ("ActorUnavailableError", "ActorDiedError", "RayActorError", "is restarting")
 
 
 def wait_for_nodes(grid, want: int, wait_s: float = NODE_WAIT_S) -> list[int]:
@@ -107,11 +110,13 @@ class FlowerExecutor:
     def _heal(self, sim: Simulation) -> None:
         """After a message came back as an error (a client process died: Ray starts it again, and until it has,
         every message given to it fails at once), query every slot until all answer, so that the next round's
-        clients do not fail for a crash that was not theirs."""
-        deadline = time.monotonic() + WORKER_START_S
+        clients do not fail for a crash that was not theirs. An error that is not Ray's restarting (the scenario
+        cannot be built in the new process, say), or restarting for longer than ``HEAL_WAIT_S``, ends the run."""
+        deadline = time.monotonic() + HEAL_WAIT_S
         while errors := self._query(sim, self.nodes[:self.slots]):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the client processes did not come back after a crash: {errors[0]}")
+            real = [e for e in errors if not any(mark in e for mark in RESTARTING)]
+            if real or time.monotonic() > deadline:
+                raise RuntimeError(f"the client processes did not come back after a crash: {(real or errors)[0]}")
             time.sleep(0.1)
 
     def execute(self, sim: Simulation, server_round: int,
