@@ -19,6 +19,30 @@ def test_mean_update_is_example_weighted():
     assert torch.allclose(d["w"], torch.tensor([0.25, 3.0], dtype=torch.float64))
 
 
+def test_mean_update_is_bitwise_the_written_out_formula_and_keeps_integer_buffers():
+    torch.manual_seed(0)
+    g = {"w": torch.randn(1000), "steps": torch.tensor(7)}
+    rs = [ClientReply(i, 0, 3 + 5 * i, {"w": g["w"] + 0.01 * torch.randn(1000), "steps": torch.tensor(8 + i)}, {}, {})
+          for i in range(4)]
+    total = sum(r.num_examples for r in rs)
+    d = mean_update(g, rs)
+    for name in g:
+        written = torch.zeros_like(g[name], dtype=torch.float64)
+        for r in rs:
+            written += (r.arrays[name].to(torch.float64) - g[name].to(torch.float64)) * (r.num_examples / total)
+        assert torch.equal(d[name], written)
+
+
+def test_the_finiteness_screen_finds_one_bad_value_in_every_float_type_and_passes_the_largest_finite():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for bad in (math.nan, math.inf, -math.inf):
+            a = torch.zeros(5000, dtype=dtype)
+            a[4321] = bad
+            assert screen([ClientReply(0, 0, 1, {"w": a}, {}, {})])[0] == [], (dtype, bad)
+        big = torch.full((5000,), torch.finfo(dtype).max, dtype=dtype)  # its sum overflows in its own type
+        assert len(screen([ClientReply(0, 0, 1, {"w": big}, {}, {})])[0]) == 1, dtype
+
+
 def test_sgd_lr1_is_plain_fedavg_and_momentum_accumulates():
     opt = ServerOptimizer(ServerOptimizerConfig(name="sgd", lr=1.0), {"w": torch.tensor([1.0])})
     opt.step({"w": torch.tensor([0.5], dtype=torch.float64)})
