@@ -72,6 +72,11 @@ def balance(weights: list[float], bins: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
+def packs_of(count: int, size: int) -> list[list[int]]:
+    """Positions 0..count-1 in packs of ``size`` (``backend.clients_per_task``), in order."""
+    return [list(range(k, min(k + size, count))) for k in range(0, count, size)]
+
+
 def pack_weights(sim: Simulation, instructions: list[ClientInstruction], packs: list[list[int]]) -> list[float]:
     """The work of each pack (positions in ``instructions``): its clients' examples, each capped at
     ``client.max_examples``."""

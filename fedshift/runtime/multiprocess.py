@@ -47,6 +47,7 @@ from fedshift.runtime.executors import (
     balance,
     failure_text,
     pack_weights,
+    packs_of,
     phase_times,
 )
 from fedshift.strategies.base import ClientInstruction
@@ -192,7 +193,7 @@ class MultiprocessExecutor:
         if not self._workers:
             raise RuntimeError("MultiprocessExecutor.execute before start (or after close)")
         p = sim.clients_per_task
-        packs = [list(range(s, min(s + p, len(instructions)))) for s in range(0, len(instructions), p)]
+        packs = packs_of(len(instructions), p)
         weights = pack_weights(sim, instructions, packs)
         t_serialise = time.perf_counter()
         broadcast = _cpu(sim.trainer_broadcast)

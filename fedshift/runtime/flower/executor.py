@@ -15,7 +15,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from fedshift.runtime.executors import WORKER_START_S, UnpackedReply, balance, pack_weights, phase_times
+from fedshift.runtime.executors import (
+    WORKER_START_S,
+    UnpackedReply,
+    balance,
+    pack_weights,
+    packs_of,
+    phase_times,
+)
 from fedshift.runtime.faults import draw_fault
 from fedshift.strategies.base import ClientInstruction
 
@@ -61,11 +68,12 @@ def lanes_of(sim: Simulation, server_round: int, instructions: list[ClientInstru
              slots: int) -> list[list[int]]:
     """The round's messages, as positions in ``instructions``: the packs of ``clients_per_task`` shared among
     ``slots`` by size (biggest first), then each pack with a client drawn to crash or to be slow on its own."""
-    p, s = sim.clients_per_task, sim.scenario
-    packs = [list(range(k, min(k + p, len(instructions)))) for k in range(0, len(instructions), p)]
-    alone = [pack for pack in packs
-             if any(draw_fault(s.faults, s.seed, server_round, instructions[i].cid) in ("crash", "slow") for i in pack)]
-    together = [pack for pack in packs if pack not in alone]
+    s = sim.scenario
+    packs = packs_of(len(instructions), sim.clients_per_task)
+    faulty = [any(draw_fault(s.faults, s.seed, server_round, instructions[i].cid) in ("crash", "slow") for i in pack)
+              for pack in packs]
+    alone = [pack for pack, f in zip(packs, faulty) if f]
+    together = [pack for pack, f in zip(packs, faulty) if not f]
     shares = balance(pack_weights(sim, instructions, together), max(1, min(slots, len(together))))
     return [[i for k in share for i in together[k]] for share in shares if share] + alone
 

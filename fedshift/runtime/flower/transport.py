@@ -61,10 +61,8 @@ def _unpack_state(content: RecordDict, prefix: str) -> dict[str, Any]:
     return state
 
 
-def _serialised(tensor: torch.Tensor, cache: dict[int, Array] | None) -> Array:
+def _serialised(tensor: torch.Tensor, cache: dict[int, Array]) -> Array:
     """``tensor`` as a Flower Array, serialised once per ``cache`` (the messages of one round)."""
-    if cache is None:
-        return Array.from_numpy_ndarray(tensor.detach().cpu().numpy())
     if id(tensor) not in cache:
         cache[id(tensor)] = Array.from_numpy_ndarray(tensor.detach().cpu().numpy())
     return cache[id(tensor)]
@@ -75,6 +73,7 @@ def pack_instructions(instructions: list[ClientInstruction], states: list[dict[s
                       cache: dict[int, Array] | None = None) -> RecordDict:
     """One message's content. ``cache``: shared by the messages of one round, so that a tensor they all carry
     (the global model) is serialised once; the tensors must stay alive while it is used (ids are its keys)."""
+    cache = {} if cache is None else cache
     unique: dict[int, str] = {}
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, Any] = {ROUND: server_round, SCENARIO: scenario_text, CIDS: [ins.cid for ins in instructions]}
